@@ -1,0 +1,94 @@
+"""What produced a result (config, seed, versions, device, commit) and atomic file writes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+_PACKAGES = ("sparsebench", "torch", "torchvision", "numpy", "pandas", "snakemake")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape the numbers (and Python's)."""
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_commit(path: Path | str = ".") -> str:
+    """The commit checked out at ``path`` (suffixed ``-dirty`` with local changes), or 'unknown'."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=path,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def device_description(device: Any) -> str:
+    """A human-readable name of the device, e.g. 'cpu (x86_64)' or 'cuda:0 (NVIDIA H200)'."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({platform.machine()})"
+
+
+def provenance(**fields: Any) -> dict[str, Any]:
+    """A provenance record: the given fields plus versions, commit, host and time."""
+    return {
+        **fields,
+        "versions": package_versions(),
+        "git_commit": git_commit(Path(__file__).resolve().parent),
+        "host": platform.node(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
+
+    A killed or failing writer leaves no file at ``path`` that looks finished.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path | str, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: Path | str, record: Mapping[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
