@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sparsebench import devices
-from sparsebench.devices import DeviceBusyError, claim_device, resolve_device
+from sparsebench.devices import DeviceBusyError, claim_device, device_type, resolve_device
 
 
 @pytest.fixture(autouse=True)
@@ -70,6 +70,20 @@ def test_explicit_index(two_fake_gpus):
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(RuntimeError, match="only 2 GPU"):
         resolve_device("cuda:2")
+
+
+def test_device_type_plans_without_the_device(no_cuda):
+    # A login node without GPUs plans `cuda` jobs for the GPU nodes.
+    assert device_type("cuda") == "cuda"
+    assert device_type("cuda:3") == "cuda"
+    assert device_type("cpu") == "cpu"
+    assert device_type("auto") == "cpu"
+    with pytest.raises(ValueError, match="'gpu'"):
+        device_type("gpu")
+
+
+def test_device_type_auto_with_cuda(two_fake_gpus):
+    assert device_type("auto") == "cuda"
 
 
 # --- claim_device: no pool ------------------------------------------------------

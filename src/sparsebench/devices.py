@@ -43,7 +43,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DeviceBusyError", "claim_device", "default_lock_dir", "resolve_device"]
+__all__ = [
+    "DeviceBusyError",
+    "claim_device",
+    "default_lock_dir",
+    "device_type",
+    "resolve_device",
+]
 
 _DEVICE_RE = re.compile(r"cuda(?::(\d+))?")
 _ACCEPTED = "'auto', 'cpu', 'cuda' or 'cuda:N'"
@@ -94,6 +100,24 @@ def resolve_device(requested: str = "auto") -> torch.device:
             f"(cuda:0..cuda:{count - 1})"
         )
     return torch.device("cuda", index)
+
+
+def device_type(requested: str = "auto") -> str:
+    """``"cuda"`` or ``"cpu"``: the kind of device a config value asks for.
+
+    For planning jobs, not for running them: an explicit ``cuda``/``cuda:N`` is
+    ``"cuda"`` even where this machine has no GPU (a cluster's login node plans
+    the GPU jobs that run elsewhere); only ``auto`` looks at this machine.
+    Unknown values raise ``ValueError`` like :func:`resolve_device`.
+    """
+    text = str(requested).strip().lower()
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return "cpu"
+    if _DEVICE_RE.fullmatch(text):
+        return "cuda"
+    raise ValueError(f"unknown device {requested!r}: expected {_ACCEPTED}")
 
 
 def default_lock_dir() -> Path:
