@@ -1,0 +1,117 @@
+"""Networks whose parameters are stacked over K independently seeded copies.
+
+The training engine trains K seeds of one arm at once: every weight matrix is a
+tensor of shape ``(K, out, in)`` and a forward pass is a batched matmul. Each copy
+is initialised from its own seed exactly as ``nn.Linear`` initialises itself
+(uniform in ``±1/sqrt(fan_in)`` for weights and biases), and
+:meth:`StackedMLP.network_state_dict` gives one copy as a plain ``nn.Linear``-style
+state dict (``fc1.weight``, ``fc1.bias``, ...), the format written to disk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class StackedLinear(nn.Module):
+    """K independent ``nn.Linear(in_features, out_features)`` layers stacked."""
+
+    def __init__(self, num_networks: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(num_networks, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(num_networks, out_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` of shape (K, B, in), or (B, in) shared by all K networks -> (K, B, out)."""
+        if x.dim() == 2:
+            return torch.matmul(x, self.weight.transpose(1, 2)) + self.bias.unsqueeze(1)
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
+
+class StackedMLP(nn.Module):
+    """A ReLU multilayer perceptron, K copies stacked; layers named fc1, fc2, ..."""
+
+    def __init__(self, layer_sizes: Sequence[int], num_networks: int) -> None:
+        super().__init__()
+        self.layer_sizes = tuple(layer_sizes)
+        self.num_networks = num_networks
+        self.layers = nn.ModuleDict(
+            {
+                f"fc{i + 1}": StackedLinear(num_networks, fan_in, fan_out)
+                for i, (fan_in, fan_out) in enumerate(zip(layer_sizes[:-1], layer_sizes[1:]))
+            }
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Inputs (K, B, features), or (B, features) shared by all -> logits (K, B, classes)."""
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers.values()):
+            x = layer(x)
+            if i < last:
+                x = torch.relu(x)
+        return x
+
+    def weight_matrices(self) -> dict[str, Tensor]:
+        """The stacked weight matrices (K, out, in) by layer name; biases excluded."""
+        return {name: layer.weight for name, layer in self.layers.items()}
+
+    @torch.no_grad()
+    def initialise(self, seeds: Sequence[int]) -> None:
+        """Initialise copy k from ``seeds[k]`` alone, like ``nn.Linear``'s default init."""
+        if len(seeds) != self.num_networks:
+            raise ValueError(f"{len(seeds)} seeds for {self.num_networks} stacked networks")
+        for k, seed in enumerate(seeds):
+            generator = torch.Generator().manual_seed(int(seed))
+            for layer in self.layers.values():
+                bound = 1.0 / math.sqrt(layer.in_features)
+                w = torch.empty(layer.out_features, layer.in_features).uniform_(
+                    -bound, bound, generator=generator
+                )
+                b = torch.empty(layer.out_features).uniform_(-bound, bound, generator=generator)
+                layer.weight[k].copy_(w)
+                layer.bias[k].copy_(b)
+
+    def network_state_dict(self, k: int) -> dict[str, Tensor]:
+        """Copy k as an ``nn.Linear``-style state dict on the CPU."""
+        state = {}
+        for name, layer in self.layers.items():
+            state[f"{name}.weight"] = layer.weight[k].detach().cpu().clone()
+            state[f"{name}.bias"] = layer.bias[k].detach().cpu().clone()
+        return state
+
+    @torch.no_grad()
+    def load_network_state_dicts(self, states: Sequence[Mapping[str, Tensor]]) -> None:
+        """Load one state dict per stacked copy (the inverse of :meth:`network_state_dict`)."""
+        if len(states) != self.num_networks:
+            raise ValueError(f"{len(states)} state dicts for {self.num_networks} networks")
+        for name, layer in self.layers.items():
+            for k, state in enumerate(states):
+                layer.weight[k].copy_(state[f"{name}.weight"])
+                layer.bias[k].copy_(state[f"{name}.bias"])
+
+
+def lenet300(num_networks: int = 1) -> StackedMLP:
+    """LeNet-300-100: 784-300-100-10 with ReLU (LeCun et al. 1998)."""
+    return StackedMLP((784, 300, 100, 10), num_networks)
+
+
+ModelFactory = Callable[[int], StackedMLP]
+
+MODELS: dict[str, ModelFactory] = {"lenet300": lenet300}
+
+
+def build_model(name: str, seeds: Sequence[int], device: torch.device | str = "cpu") -> StackedMLP:
+    """The registered model ``name`` with one copy per seed, each initialised from its seed."""
+    try:
+        factory = MODELS[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; registered: {sorted(MODELS)}") from None
+    model = factory(len(seeds))
+    model.initialise(seeds)
+    return model.to(device)

@@ -1,0 +1,196 @@
+"""The training engine: K seeds of one arm trained at once, vectorised across seeds.
+
+Each seed keeps its own initialisation, its own data order and its own Adam state:
+the stacked networks' losses are summed, so the gradient of copy k is the gradient
+of its own loss alone, and Adam (element-wise) on stacked tensors is K independent
+Adams. The dataset stays on the device; batches are gathered by per-seed index
+permutations drawn on the device, with no per-sample Python work.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparsebench.config import TrainHparams
+from sparsebench.data import Split
+from sparsebench.models import StackedMLP, build_model
+from sparsebench.regularizers import Regularizer
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss; the message names the seed and epoch."""
+
+
+@dataclass
+class EpochRecord:
+    """One epoch of one network: the row of its training log."""
+
+    epoch: int
+    train_loss: float  # mean cross-entropy over the epoch's batches
+    regularizer_values: dict[str, float]  # each regularizer's own measure at the epoch's end
+    objective: float  # mean training objective: loss + regularizer terms
+    test_loss: float
+    test_accuracy: float  # percent
+    seconds: float
+
+    def as_row(self) -> dict[str, float]:
+        row = {
+            "epoch": self.epoch,
+            "train_loss": self.train_loss,
+            "objective": self.objective,
+        }
+        row.update({f"reg_{name}": value for name, value in self.regularizer_values.items()})
+        row.update(test_loss=self.test_loss, test_accuracy=self.test_accuracy, seconds=self.seconds)
+        return row
+
+
+def permutation_generators(seeds: Sequence[int], device: torch.device) -> list[torch.Generator]:
+    """One generator per seed for its data order, independent of the init stream."""
+    return [torch.Generator(device=device).manual_seed(10_007 * int(s) + 1) for s in seeds]
+
+
+def epoch_permutations(
+    n: int, generators: Sequence[torch.Generator], device: torch.device
+) -> Tensor:
+    """Per-seed permutations of range(n), shape (K, n), drawn on ``device``."""
+    return torch.stack([torch.randperm(n, generator=g, device=device) for g in generators])
+
+
+@torch.no_grad()
+def evaluate(model: StackedMLP, split: Split, batch_size: int = 10000) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy and accuracy (percent) of every stacked network, each (K,)."""
+    k = model.num_networks
+    loss_sum = torch.zeros(k, device=split.images.device)
+    correct = torch.zeros(k, device=split.images.device)
+    for start in range(0, len(split.labels), batch_size):
+        x = split.images[start : start + batch_size]
+        y = split.labels[start : start + batch_size]
+        logits = model(x)
+        loss_sum += (
+            F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(k), reduction="none")
+            .view(k, -1)
+            .sum(1)
+        )
+        correct += (logits.argmax(-1) == y).sum(1)
+    n = len(split.labels)
+    return loss_sum / n, 100.0 * correct / n
+
+
+def regularizer_keys(regularizers: Sequence[Regularizer]) -> list[str]:
+    """Unique column names for the arm's regularizers (a name repeated gets a suffix)."""
+    keys: list[str] = []
+    for reg in regularizers:
+        key, i = reg.name, 2
+        while key in keys:
+            key, i = f"{reg.name}_{i}", i + 1
+        keys.append(key)
+    return keys
+
+
+def make_optimizer(
+    model: StackedMLP, hparams: TrainHparams, regularizers: Sequence[Regularizer]
+) -> torch.optim.Optimizer:
+    weight_decay = sum(reg.optimizer_weight_decay() for reg in regularizers)
+    if hparams.optimizer != "adam":
+        raise ValueError(f"unknown optimizer {hparams.optimizer!r}")
+    return torch.optim.Adam(model.parameters(), lr=hparams.lr, weight_decay=weight_decay)
+
+
+def train_networks(
+    model_name: str,
+    seeds: Sequence[int],
+    regularizers: Sequence[Regularizer],
+    hparams: TrainHparams,
+    train: Split,
+    test: Split,
+    device: torch.device,
+    on_epoch: Callable[[int, list[EpochRecord]], None] | None = None,
+) -> tuple[StackedMLP, list[list[EpochRecord]]]:
+    """Train one network per seed under ``regularizers``; return the model and per-seed logs.
+
+    ``train`` and ``test`` must already be on ``device``. ``on_epoch(epoch, records)`` is
+    called after every epoch with that epoch's record of each seed.
+    """
+    unbatchable = [r.name for r in regularizers if not r.supports_batching]
+    if unbatchable and len(seeds) > 1:
+        raise ValueError(f"regularizer(s) {unbatchable} do not support batched seeds: use 1")
+    model = build_model(model_name, seeds, device)
+    optimizer = make_optimizer(model, hparams, regularizers)
+    generators = permutation_generators(seeds, device)
+    keys = regularizer_keys(regularizers)
+    k, n, batch = len(seeds), len(train.labels), hparams.batch_size
+    logs: list[list[EpochRecord]] = [[] for _ in seeds]
+
+    for epoch in range(1, hparams.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        order = epoch_permutations(n, generators, device)
+        loss_sum = torch.zeros(k, device=device)
+        objective_sum = torch.zeros(k, device=device)
+        steps = 0
+        for start in range(0, n, batch):
+            index = order[:, start : start + batch]
+            logits = model(train.images[index])
+            loss = (
+                F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]),
+                    train.labels[index].reshape(-1),
+                    reduction="none",
+                )
+                .view(k, -1)
+                .mean(1)
+            )
+            objective = loss
+            weights = model.weight_matrices()
+            for reg in regularizers:
+                term = reg.loss_term(weights)
+                if term is not None:
+                    objective = objective + term
+            optimizer.zero_grad(set_to_none=True)
+            objective.sum().backward()
+            optimizer.step()
+            for reg in regularizers:
+                reg.after_step(model.weight_matrices(), hparams.lr)
+            loss_sum += loss.detach()
+            objective_sum += objective.detach()
+            steps += 1
+
+        check_finite(objective_sum, seeds, epoch)
+        model.eval()
+        with torch.no_grad():
+            weights = model.weight_matrices()
+            reg_values = [reg.value(weights).cpu() for reg in regularizers]
+        test_loss, test_accuracy = evaluate(model, test, hparams.eval_batch_size)
+        seconds = time.perf_counter() - started
+        records = [
+            EpochRecord(
+                epoch=epoch,
+                train_loss=float(loss_sum[i] / steps),
+                regularizer_values={key: float(v[i]) for key, v in zip(keys, reg_values)},
+                objective=float(objective_sum[i] / steps),
+                test_loss=float(test_loss[i]),
+                test_accuracy=float(test_accuracy[i]),
+                seconds=seconds,
+            )
+            for i in range(k)
+        ]
+        for log, record in zip(logs, records):
+            log.append(record)
+        if on_epoch is not None:
+            on_epoch(epoch, records)
+    return model, logs
+
+
+def check_finite(objective_sum: Tensor, seeds: Sequence[int], epoch: int) -> None:
+    bad = [int(s) for s, ok in zip(seeds, torch.isfinite(objective_sum).tolist()) if not ok]
+    if bad:
+        raise NonFiniteLossError(
+            f"NaN or infinite training loss in epoch {epoch} for seed(s) {bad}; "
+            "lower the learning rate or the regularizer coefficient"
+        )
