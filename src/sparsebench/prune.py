@@ -95,6 +95,21 @@ def _accuracy(logits: Tensor, labels: Tensor) -> float:
     return 100.0 * float((logits.argmax(-1) == labels).float().mean())
 
 
+def kept_masks(
+    scores: Mapping[str, Tensor], percentile: float, order: Tensor | None = None
+) -> dict[str, Tensor]:
+    """Boolean masks of the weights kept at ``percentile``, by layer."""
+    order = pruning_order(scores) if order is None else order
+    (removed,) = removal_counts(len(order), [percentile])
+    keep = torch.ones(len(order), dtype=torch.bool, device=order.device)
+    keep[order[:removed]] = False
+    masks, offset = {}, 0
+    for name, layer_scores in scores.items():
+        masks[name] = keep[offset : offset + layer_scores.numel()].view_as(layer_scores)
+        offset += layer_scores.numel()
+    return masks
+
+
 @torch.no_grad()
 def sweep_reference(
     model: StackedMLP, scores: Mapping[str, Tensor], percentiles: Sequence[float], test: Split
@@ -102,19 +117,15 @@ def sweep_reference(
     """Evaluate network 0 pruned at every percentile, each from scratch (slow, simple)."""
     names = list(model.weight_matrices())
     originals = {name: w[0].clone() for name, w in model.weight_matrices().items()}
-    sizes = [originals[n].numel() for n in names]
-    order = pruning_order({n: scores[n] for n in names})
+    ordered_scores = {n: scores[n] for n in names}
+    order = pruning_order(ordered_scores)
     rows = []
     try:
-        for p, removed in zip(percentiles, removal_counts(sum(sizes), percentiles)):
-            keep = torch.ones(sum(sizes), dtype=torch.bool, device=order.device)
-            keep[order[:removed]] = False
-            kept, offset = [], 0
-            for name, size in zip(names, sizes):
-                mask = keep[offset : offset + size].view_as(originals[name])
-                model.layers[name].weight[0].copy_(originals[name] * mask)
-                kept.append(int(mask.sum()))
-                offset += size
+        for p in percentiles:
+            masks = kept_masks(ordered_scores, p, order)
+            for name in names:
+                model.layers[name].weight[0].copy_(originals[name] * masks[name])
+            kept = [int(masks[name].sum()) for name in names]
             rows.append(_record(kept, names, p, _accuracy(model(test.images)[0], test.labels)))
     finally:
         for name in names:

@@ -1,0 +1,137 @@
+"""The pruning sweep: the right weights at the right percentiles, fast path = reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsebench.data import Split
+from sparsebench.models import StackedMLP, build_model
+from sparsebench.prune import (
+    criterion_scores,
+    kept_masks,
+    removal_counts,
+    sensitivity_scores,
+    sweep,
+    sweep_fast,
+    sweep_reference,
+)
+from sparsebench.train import evaluate
+
+
+def tiny_model() -> StackedMLP:
+    """A 3-2-2 network whose 10 weights have the distinct magnitudes 1..10."""
+    model = StackedMLP((3, 2, 2), num_networks=1)
+    with torch.no_grad():
+        model.layers["fc1"].weight[0] = torch.tensor([[1.0, -2.0, 3.0], [-4.0, 5.0, -6.0]])
+        model.layers["fc2"].weight[0] = torch.tensor([[7.0, -8.0], [-9.0, 10.0]])
+        model.layers["fc1"].bias[0] = torch.tensor([0.5, -0.5])
+        model.layers["fc2"].bias[0] = torch.tensor([0.25, -0.25])
+    return model
+
+
+def random_split(n: int, features: int, classes: int, seed: int) -> Split:
+    generator = torch.Generator().manual_seed(seed)
+    return Split(
+        torch.randn(n, features, generator=generator),
+        torch.randint(0, classes, (n,), generator=generator),
+    )
+
+
+def test_removal_counts_round_half_up_and_cover_both_ends() -> None:
+    assert removal_counts(10, [0.0, 10.0, 25.0, 55.0, 100.0]) == [0, 1, 3, 6, 10]
+    assert removal_counts(266200, [0.1]) == [266]
+
+
+def test_known_scores_keep_exactly_the_top_weights() -> None:
+    model = tiny_model()
+    scores = criterion_scores("magnitude", model, random_split(4, 3, 2, 0), seed=0)
+    masks = kept_masks(scores, 30.0)  # prune the 3 smallest: magnitudes 1, 2, 3
+    assert masks["fc1"].tolist() == [[False, False, False], [True, True, True]]
+    assert masks["fc2"].all()
+    masks = kept_masks(scores, 70.0)  # keep the 3 largest: 8, 9, 10
+    assert masks["fc1"].sum() == 0
+    assert masks["fc2"].tolist() == [[False, True], [True, True]]
+
+
+def test_ties_are_broken_by_position() -> None:
+    scores = {"a": torch.zeros(2, 2), "b": torch.zeros(1, 2)}
+    masks = kept_masks(scores, 50.0)  # 3 of 6 pruned: the first three positions
+    assert masks["a"].tolist() == [[False, False], [False, True]]
+    assert masks["b"].tolist() == [[True, True]]
+
+
+def test_sweep_counts_per_layer_and_leaves_biases_alone() -> None:
+    model = tiny_model()
+    test = random_split(50, 3, 2, 1)
+    biases = [layer.bias.clone() for layer in model.layers.values()]
+    scores = criterion_scores("magnitude", model, test, seed=0)
+    frame = sweep_reference(model, scores, [0.0, 30.0, 70.0, 100.0], test)
+    assert frame["kept_total"].tolist() == [10, 7, 3, 0]
+    assert frame["kept_fc1"].tolist() == [6, 3, 0, 0]
+    assert frame["kept_fc2"].tolist() == [4, 4, 3, 0]
+    for layer, bias in zip(model.layers.values(), biases):
+        assert torch.equal(layer.bias, bias)
+    # With every weight pruned only the biases speak: the output is relu(b1) W2 + b2 = b2.
+    predicted = torch.tensor(0 if 0.25 > -0.25 else 1)
+    expected = 100.0 * float((test.labels == predicted).float().mean())
+    assert frame["test_accuracy"].iloc[-1] == pytest.approx(expected)
+    # The sweep restores the network it was given.
+    assert torch.equal(model.layers["fc2"].weight[0], tiny_model().layers["fc2"].weight[0])
+
+
+def test_unpruned_end_reproduces_the_model_accuracy() -> None:
+    model = build_model("lenet300", [5])
+    test = random_split(300, 784, 10, 2)
+    scores = criterion_scores("random", model, test, seed=5)
+    for run in (sweep_reference, sweep_fast):
+        frame = run(model, scores, [0.0], test)
+        _, accuracy = evaluate(model, test)
+        assert frame["test_accuracy"].iloc[0] == pytest.approx(float(accuracy[0]), abs=1e-4)
+        assert frame["kept_total"].iloc[0] == 784 * 300 + 300 * 100 + 100 * 10
+
+
+def test_sensitivity_is_weight_times_gradient_of_plain_cross_entropy() -> None:
+    model = build_model("lenet300", [1])
+    train = random_split(64, 784, 10, 3)
+    scores = sensitivity_scores(model, train, batch_size=20)  # several batches
+    reference = torch.nn.Sequential(
+        torch.nn.Linear(784, 300), torch.nn.ReLU(), torch.nn.Linear(300, 100), torch.nn.ReLU(),
+        torch.nn.Linear(100, 10),
+    )
+    reference.load_state_dict(
+        {
+            f"{i}.{kind}": tensor
+            for i, (name) in zip((0, 2, 4), ("fc1", "fc2", "fc3"))
+            for kind, tensor in (("weight", model.layers[name].weight[0]),
+                                 ("bias", model.layers[name].bias[0]))
+        }
+    )
+    F.cross_entropy(reference(train.images), train.labels).backward()
+    for i, name in zip((0, 2, 4), ("fc1", "fc2", "fc3")):
+        expected = (reference[i].weight * reference[i].weight.grad).abs()
+        torch.testing.assert_close(scores[name], expected, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("criterion", ["sensitivity", "magnitude", "random"])
+def test_fast_sweep_equals_reference_sweep(criterion: str) -> None:
+    model = build_model("lenet300", [7])
+    train, test = random_split(200, 784, 10, 4), random_split(400, 784, 10, 5)
+    # A trained-looking spread of scores matters less than exercising every layer.
+    scores = criterion_scores(criterion, model, train, seed=7)
+    percentiles = [i * 2.5 for i in range(41)]
+    fast = sweep_fast(model, scores, percentiles, test)
+    reference = sweep_reference(model, scores, percentiles, test)
+    kept_columns = ["kept_total", "kept_fc1", "kept_fc2", "kept_fc3"]
+    assert fast[kept_columns].equals(reference[kept_columns])
+    assert (fast["test_accuracy"] - reference["test_accuracy"]).abs().max() <= 0.5  # 2 of 400
+
+
+def test_sweep_has_one_block_per_criterion_and_rejects_unknown() -> None:
+    model = build_model("lenet300", [0])
+    data = random_split(100, 784, 10, 6)
+    frame = sweep(model, ["magnitude", "random"], [0.0, 50.0, 100.0], data, data, seed=0)
+    assert frame["criterion"].tolist() == ["magnitude"] * 3 + ["random"] * 3
+    with pytest.raises(ValueError, match="unknown pruning criterion 'taylor'"):
+        sweep(model, ["taylor"], [0.0], data, data, seed=0)
