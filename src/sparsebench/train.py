@@ -114,13 +114,13 @@ def train_networks(
 ) -> tuple[StackedMLP, list[list[EpochRecord]]]:
     """Train one network per seed under ``regularizers``; return the model and per-seed logs.
 
-    ``train`` and ``test`` must already be on ``device``. ``on_epoch(epoch, records)`` is
+    ``train`` and ``test`` must already be on ``device``; the networks take their dtype. ``on_epoch(epoch, records)`` is
     called after every epoch with that epoch's record of each seed.
     """
     unbatchable = [r.name for r in regularizers if not r.supports_batching]
     if unbatchable and len(seeds) > 1:
         raise ValueError(f"regularizer(s) {unbatchable} do not support batched seeds: use 1")
-    model = build_model(model_name, seeds, device)
+    model = build_model(model_name, seeds, device).to(train.images.dtype)
     optimizer = make_optimizer(model, hparams, regularizers)
     generators = permutation_generators(seeds, device)
     keys = regularizer_keys(regularizers)
