@@ -1,0 +1,171 @@
+"""Speed of the training engine and the pruning sweep, measured side by side in one run.
+
+Prints, on this machine (batch 64, LeNet300, real MNIST when given, else synthetic):
+
+(a) the naive loop (torchvision dataset + DataLoader + per-sample transforms, one
+    seed, ``nn.Sequential``) against the engine, time per epoch per seed;
+(b) K seeds trained together (stacked) against K one after another;
+(c) an epoch with configuration entropy against a plain epoch (the engine);
+(d) a 1001-point sweep of one LeNet300 on the test set: fast path against the
+    reference path (the reference is timed on a subset of points and scaled).
+
+Every ratio compares runs made in this process, interleaved, so machine load affects
+both sides alike. Epoch times can be measured on a subset of the training set
+(``--train-samples``) and are then scaled to the full epoch.
+
+    python benchmarks/engine.py --mnist ../shared/data/mnist [--threads 2] [--seeds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsebench import regularizers
+from sparsebench.config import PruneHparams, TrainHparams
+from sparsebench.data import MNIST_MEAN, MNIST_STD, load_mnist, write_synthetic_mnist
+from sparsebench.models import build_model
+from sparsebench.prune import criterion_scores, sweep_fast, sweep_reference
+from sparsebench.train import train_networks
+
+FULL_EPOCH = 60_000
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def naive_epoch(raw_dir: Path, samples: int, device: torch.device) -> None:
+    """The obvious way: torchvision dataset, DataLoader, per-sample transforms."""
+    import torchvision
+    from torchvision import transforms
+
+    with tempfile.TemporaryDirectory() as root:
+        (Path(root) / "MNIST").mkdir()
+        (Path(root) / "MNIST" / "raw").symlink_to(Path(raw_dir).resolve())
+        dataset = torchvision.datasets.MNIST(
+            root,
+            train=True,
+            download=False,
+            transform=transforms.Compose(
+                [
+                    transforms.ToTensor(),
+                    transforms.Normalize((MNIST_MEAN,), (MNIST_STD,)),
+                    transforms.Lambda(torch.flatten),
+                ]
+            ),
+        )
+        subset = torch.utils.data.Subset(dataset, range(samples))
+        loader = torch.utils.data.DataLoader(subset, batch_size=64, shuffle=True)
+        model = nn.Sequential(
+            nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)
+        ).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        for images, labels in loader:
+            loss = F.cross_entropy(model(images.to(device)), labels.to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+
+def engine_epoch(data, seeds: list[int], regs: list[dict], device: torch.device) -> None:
+    hparams = TrainHparams(epochs=1, batch_size=64)
+    built = [regularizers.build(spec) for spec in regs]
+    train_networks("lenet300", seeds, built, hparams, data.train, data.test, device)
+
+
+def median_of(repeats: int, fn: Callable[[], object]) -> float:
+    return statistics.median(timed(fn) for _ in range(repeats))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mnist", type=Path, help="folder of the original MNIST .gz files")
+    parser.add_argument("--train-samples", type=int, default=15_000)
+    parser.add_argument("--seeds", type=int, default=4, help="K for (b)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--reference-points", type=int, default=21)
+    parser.add_argument("--skip", default="", help="parts to skip, e.g. 'a,d'")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    skip = set(args.skip.split(","))
+
+    tmp = tempfile.TemporaryDirectory()
+    raw_dir = args.mnist
+    if raw_dir is None:
+        raw_dir = Path(tmp.name)
+        write_synthetic_mnist(raw_dir, train_samples=FULL_EPOCH, test_samples=10_000)
+    data = load_mnist(raw_dir, train_samples=args.train_samples, device=device)
+    scale = FULL_EPOCH / args.train_samples
+    entropy = [{"name": "configuration_entropy", "coefficient": 1.0}]
+    print(f"device {device}, {args.threads} threads, epochs timed on {args.train_samples}")
+    print(f"training samples and scaled x{scale:.1f} to a 60,000-image epoch; batch 64\n")
+
+    # Warm up every path once (JIT compiles, allocator, thread pools).
+    engine_epoch(load_mnist(raw_dir, train_samples=640, device=device), [0], entropy, device)
+
+    if "a" not in skip:
+        naive = engine = 0.0
+        naive_times, engine_times = [], []
+        for _ in range(args.repeats):
+            naive_times.append(timed(lambda: naive_epoch(raw_dir, args.train_samples, device)))
+            engine_times.append(timed(lambda: engine_epoch(data, [0], [], device)))
+        naive, engine = statistics.median(naive_times), statistics.median(engine_times)
+        print("(a) naive loop vs engine, one seed, per epoch")
+        print(f"    naive  {naive * scale:7.2f} s   engine {engine * scale:7.2f} s")
+        print(f"    engine speed-up: {naive / engine:.2f}x  (target >= 3)\n")
+
+    if "b" not in skip:
+        k = args.seeds
+        seeds = list(range(k))
+        stacked, sequential = [], []
+        for _ in range(args.repeats):
+            stacked.append(timed(lambda: engine_epoch(data, seeds, [], device)))
+            sequential.append(
+                timed(lambda: [engine_epoch(data, [s], [], device) for s in seeds])
+            )
+        stacked_t, sequential_t = statistics.median(stacked), statistics.median(sequential)
+        print(f"(b) {k} seeds stacked vs {k} one after another, per epoch")
+        print(f"    stacked {stacked_t * scale:7.2f} s   sequential {sequential_t * scale:7.2f} s")
+        print(f"    stacked speed-up: {sequential_t / stacked_t:.2f}x\n")
+
+    if "c" not in skip:
+        plain_times, entropy_times = [], []
+        for _ in range(args.repeats):
+            plain_times.append(timed(lambda: engine_epoch(data, [0], [], device)))
+            entropy_times.append(timed(lambda: engine_epoch(data, [0], entropy, device)))
+        plain, with_entropy = statistics.median(plain_times), statistics.median(entropy_times)
+        print("(c) configuration-entropy epoch vs plain epoch, one seed")
+        print(f"    plain {plain * scale:7.2f} s   entropy {with_entropy * scale:7.2f} s")
+        print(f"    ratio: {with_entropy / plain:.2f}  (targets: <= 2.0, engine issue <= 1.25)\n")
+
+    if "d" not in skip:
+        model = build_model("lenet300", [0], device)
+        engine_epoch(data, [0], [], device)
+        scores = criterion_scores("sensitivity", model, data.train, seed=0)
+        percentiles = PruneHparams().percentiles()
+        step = max(1, len(percentiles) // args.reference_points)
+        subset = percentiles[::step]
+        fast = median_of(1, lambda: sweep_fast(model, scores, percentiles, data.test))
+        reference = timed(lambda: sweep_reference(model, scores, subset, data.test))
+        reference_full = reference * len(percentiles) / len(subset)
+        print(f"(d) {len(percentiles)}-point sweep of one LeNet300 on {len(data.test)} test images")
+        print(f"    fast {fast:7.2f} s   reference {reference_full:7.2f} s (from {len(subset)} points)")
+        print(f"    fast speed-up: {reference_full / fast:.1f}x  (target: fast <= 3 s)")
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
