@@ -151,3 +151,22 @@ def test_snakefile_lints_clean() -> None:
     result = run_snakemake(REPO, None, "--lint", check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Lints for" not in result.stdout + result.stderr
+
+
+@pytest.mark.realdata
+def test_quick_preset_smallest_case_on_real_mnist(real_mnist_dir: Path, tmp_path: Path) -> None:
+    """One network of the quick preset on the real MNIST, through the workflow."""
+    target = "results/main/entropy/prune/seed0.csv"
+    overlay = {"preset": "quick", "device": "cpu", "data_mirror": str(real_mnist_dir)}
+    run_snakemake(tmp_path, overlay, "--cores", "2", target)
+    sweep = pd.read_csv(tmp_path / target)
+    sensitivity = sweep[sweep["criterion"] == "sensitivity"].set_index("percentile")
+    assert len(sensitivity) == 1001
+    assert sensitivity.loc[0.0, "kept_total"] == 266_200
+    assert sensitivity.loc[0.0, "test_accuracy"] > 90.0  # a few epochs of LeNet300
+    assert sensitivity.loc[100.0, "kept_total"] == 0
+    # Pruning the least sensitive half costs little; pruning everything leaves chance.
+    assert sensitivity.loc[50.0, "test_accuracy"] > sensitivity.loc[0.0, "test_accuracy"] - 2.0
+    assert sensitivity.loc[100.0, "test_accuracy"] < 20.0
+    meta = json.loads((tmp_path / target.replace(".csv", ".json")).read_text())
+    assert meta["trained_with"]["train_samples"] == 30_000
