@@ -18,6 +18,8 @@ rule aggregate:
         provenance_json=f"{TABLES}/tables.json",
     log:
         "logs/{experiment}/aggregate.log",
+    conda:
+        CONDA_ENV
     params:
         arms=lambda wc: list(EXPERIMENTS[wc.experiment].arms),
         seeds=lambda wc: list(EXPERIMENTS[wc.experiment].seeds),

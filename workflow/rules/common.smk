@@ -5,6 +5,9 @@ from dataclasses import asdict
 from sparsebench.config import apply_preset, load_config, selected_experiments
 from sparsebench.data import MNIST_FILES
 from sparsebench.devices import device_type
+from sparsebench.environment import export_source_path
+
+export_source_path()  # jobs in a conda environment (--sdm conda) import sparsebench from here
 
 # Validates the whole config (schema, registries, arm references) before any job.
 DEVICE_TYPE = device_type(config["device"])
@@ -16,10 +19,11 @@ RESOURCES = config.get("resources", {})
 NAME_PATTERN = "[A-Za-z0-9][A-Za-z0-9_.-]*"
 
 DATA_DIR = f"{RESULTS}/data/mnist/raw"
-TRAIN_DIR = RESULTS + "/{experiment}/{arm}/train/{chunk}"
-SWEEP_CSV = RESULTS + "/{experiment}/{arm}/prune/seed{seed}.csv"
-TABLES = REPORTS + "/{experiment}/tables"
-FIGURES = REPORTS + "/{experiment}/figures"
+TRAIN_DIR = f"{RESULTS}/{{experiment}}/{{arm}}/train/{{chunk}}"
+SWEEP_CSV = f"{RESULTS}/{{experiment}}/{{arm}}/prune/seed{{seed}}.csv"
+TABLES = f"{REPORTS}/{{experiment}}/tables"
+FIGURES = f"{REPORTS}/{{experiment}}/figures"
+CONDA_ENV = "../../envs/sparsebench.yaml"
 TABLE_NAMES = ("accuracy_vs_kept", "kept_at_accuracy")
 FIGURE_NAMES = ("entropy_matrices", "weight_matrices", "accuracy_vs_kept")
 
@@ -120,3 +124,11 @@ def train_runtime_minutes(wildcards):
 
 def gpus_per_job():
     return 1 if DEVICE_TYPE == "cuda" else 0
+
+
+def weight_figure_dirs(wildcards):
+    report_settings = EXPERIMENTS[wildcards.experiment].report
+    return [
+        train_dir_of_seed(wildcards.experiment, arm, report_settings.weight_figure_seed)
+        for arm in report_settings.weight_figure_arms
+    ]

@@ -4,6 +4,8 @@ rule download:
         [f"{DATA_DIR}/{name}" for name in MNIST_FILES],
     log:
         "logs/download.log",
+    conda:
+        CONDA_ENV
     params:
         mirror=config.get("data_mirror"),
         checksums=config.get("data_checksums") or None,

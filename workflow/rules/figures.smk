@@ -1,11 +1,3 @@
-def weight_figure_dirs(wildcards):
-    report_settings = EXPERIMENTS[wildcards.experiment].report
-    return [
-        train_dir_of_seed(wildcards.experiment, arm, report_settings.weight_figure_seed)
-        for arm in report_settings.weight_figure_arms
-    ]
-
-
 rule figures:
     """SPEC figures 1-3 as PNG (in the report) and SVG."""
     input:
@@ -23,6 +15,8 @@ rule figures:
         **{f"{name}_svg": f"{FIGURES}/{name}.svg" for name in FIGURE_NAMES},
     log:
         "logs/{experiment}/figures.log",
+    conda:
+        CONDA_ENV
     params:
         arms=lambda wc: list(EXPERIMENTS[wc.experiment].report.weight_figure_arms),
         seed=lambda wc: EXPERIMENTS[wc.experiment].report.weight_figure_seed,

@@ -8,6 +8,8 @@ rule prune:
         metadata=SWEEP_CSV.replace(".csv", ".json"),
     log:
         "logs/{experiment}/{arm}/prune_seed{seed}.log",
+    conda:
+        CONDA_ENV
     threads: RESOURCES.get("threads", 1)
     resources:
         gpu=gpus_per_job(),

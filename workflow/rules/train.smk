@@ -6,6 +6,8 @@ rule train:
         directory(TRAIN_DIR),
     log:
         "logs/{experiment}/{arm}/train_{chunk}.log",
+    conda:
+        CONDA_ENV
     threads: RESOURCES.get("threads", 1)
     resources:
         gpu=gpus_per_job(),
