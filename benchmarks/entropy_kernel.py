@@ -1,0 +1,128 @@
+"""Micro-benchmark of the configuration-entropy implementations (value + gradient).
+
+Times, side by side in one run (interleaved rounds, median per call), the value
+and gradient of H_C summed over LeNet300's three weight matrices (300x784,
+100x300, 10x100), stacked K = 1 and K = 8 seeds, for:
+
+- ``reference``: F.conv2d with the 3x3 Scharr kernels, autograd backward;
+- ``eager``: the separable closed form (autograd.Function, eager torch ops);
+- ``fused``: the numba kernels used in training (the default path on CPU);
+- ``compiled`` (``--compile``): torch.compile of the eager closed form.
+
+and the ratio of each to the reference. ``--cold`` also measures the first
+call's JIT compile time of the numba kernels in fresh subprocesses, with an
+empty cache and then with the cache it just wrote.
+
+    python benchmarks/entropy_kernel.py [--rounds 200] [--compile] [--cold]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from sparsebench.regularizers import configuration_entropy as ce
+
+SHAPES = [(300, 784), (100, 300), (10, 100)]
+
+
+def _eager(w):
+    backend, ce.BACKEND = ce.BACKEND, "eager"
+    try:
+        return ce.configuration_entropy(w)
+    finally:
+        ce.BACKEND = backend
+
+
+def _fused(w):
+    backend, ce.BACKEND = ce.BACKEND, "numba"
+    try:
+        return ce.configuration_entropy(w)
+    finally:
+        ce.BACKEND = backend
+
+
+def _step(fn, weights):
+    total = sum(fn(w).sum() for w in weights)
+    return torch.autograd.grad(total, weights)
+
+
+def bench(impls: dict, k: int, rounds: int) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(0)
+    weights = [(0.05 * torch.randn(k, o, i, generator=gen)).requires_grad_() for o, i in SHAPES]
+    for fn in impls.values():  # warm-up (JIT, allocator)
+        for _ in range(5):
+            _step(fn, weights)
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    for _ in range(rounds):
+        for name, fn in impls.items():
+            t0 = time.perf_counter()
+            _step(fn, weights)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+_COLD = """
+import time, torch
+t0 = time.perf_counter()
+from sparsebench.regularizers import configuration_entropy as ce
+t1 = time.perf_counter()
+for dt in (torch.float32, torch.float64):
+    w = torch.randn(1, 30, 40, dtype=dt, requires_grad=True)
+    t = time.perf_counter()
+    torch.autograd.grad(ce.configuration_entropy(w).sum(), w)
+    print(f"  first call {str(dt):14s} {time.perf_counter() - t:7.3f} s")
+print(f"  (import of the module incl. torch and numba: {t1 - t0:.2f} s)")
+"""
+
+
+def cold_start() -> None:
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache, "SPARSEBENCH_ENTROPY_BACKEND": "numba"}
+        for label in ("empty numba cache (compile)", "cache written by the run above"):
+            print(f"first-call cost, {label}:")
+            subprocess.run([sys.executable, "-c", _COLD], env=env, check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--cold", action="store_true", help="also time the first JIT call")
+    parser.add_argument("--threads", type=int, default=None, help="torch (and numba) threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    impls = {
+        "reference": ce.configuration_entropy_reference,
+        "eager": _eager,
+        "fused": _fused,
+    }
+    if args.compile:
+        eager_value = torch.compile(lambda w: ce._entropy_from_sums(*ce._eager_sums(w)[2:]))
+        impls["compiled"] = eager_value
+
+    print(
+        f"torch {torch.__version__}, numba {getattr(ce.numba, '__version__', 'missing')}, "
+        f"torch threads {torch.get_num_threads()}; value+grad of H_C over LeNet300's "
+        f"{', '.join(f'{o}x{i}' for o, i in SHAPES)}; median of {args.rounds} rounds"
+    )
+    print(f"{'K':>3} {'impl':>10} {'ms/step':>9} {'vs reference':>13}")
+    for k in (1, 8):
+        res = bench(impls, k, args.rounds)
+        for name, t in res.items():
+            print(f"{k:>3} {name:>10} {1e3 * t:9.3f} {t / res['reference']:12.3f}x")
+    if args.cold:
+        cold_start()
+
+
+if __name__ == "__main__":
+    main()

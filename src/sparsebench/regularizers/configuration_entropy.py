@@ -1,0 +1,461 @@
+"""Configuration entropy (Bayandorian 2023, arXiv 2301.07285), the paper-formula arm.
+
+For one weight matrix ``W`` (out x in), with ``*`` a 2-D convolution with zero
+padding 1 (same-size output) and the normalised Scharr kernels
+``Gx = [[3, 0, -3], [10, 0, -10], [3, 0, -3]] / 32`` and ``Gy = Gx^T``::
+
+    H_C(W) = 0.5 * log(0.5 * S) - log(A),
+    S = sum((Gx * W)^2 + (Gy * W)^2),    A = sum |W|.
+
+Convolution or cross-correlation does not matter (flipping turns the kernels
+into their negatives, and they are squared). ``H_C`` is scale invariant:
+``H_C(aW) = H_C(W)`` for any ``a != 0``.
+
+**Guard of log(0).** Both logs get a tiny constant ``EPS = 1e-18``:
+``0.5 * log(0.5 * S + EPS**2) - log(A + EPS)``. ``S`` is quadratic and ``A``
+linear in ``W``, so the guard scales like ``W`` does: it changes nothing above
+``|W| ~ 1e-18`` (it is far below float32 resolution of any realistic ``S``
+and ``A``; ``EPS**2 = 1e-36`` is still a normal float32), and the all-zero
+matrix gets ``H_C = 0.5 * log(EPS**2) - log(EPS) = 0`` with gradient 0 (the
+subgradient of ``|w|`` at 0 is taken as 0, as ``torch.abs`` does). ``S`` can
+also be 0 for some nonzero matrices (e.g. a 1 x 1 matrix, or the row
+``[a, 0, a]``); value and gradient stay finite there too.
+
+**Sign.** The paper's formula defines its right-hand side as the *negative*
+of the sparsity loss: ``l_C(W) = -H_C(W)``, and the term added to the training
+loss is ``coefficient * sum_layers l_C(W)``. That is the registered
+``configuration_entropy`` arm here (:class:`ConfigurationEntropy`). The
+paper's prose speaks of minimising ``H_C``, the opposite sign; that reading is
+the separately named ablation arm ``configuration_entropy_prose`` (in
+``configuration_entropy_prose.py``). The two are never swapped silently.
+
+**Gradient.** With ``Cx``, ``Cy`` the linear "same" operators ``W -> Gx * W``,
+``W -> Gy * W`` (zero padding; their adjoints are the flipped kernels with zero
+padding, i.e. ``Cx^T = -Cx`` and ``Cy^T = -Cy`` since both kernels are
+antisymmetric)::
+
+    dH_C/dW = (Cx^T Cx W + Cy^T Cy W) / S - sign(W) / A
+
+(with the guards: ``S + 2 EPS**2`` and ``A + EPS``). The kernel is separable,
+``Gx = [3, 10, 3]^T (outer) [1, 0, -1] / 32``, which the fast paths use.
+
+Implementations, all batched over the K seeds trained at once (input
+``(K, out, in)``, output ``(K,)``; a single 2-D matrix gives a 0-d tensor),
+float32 or float64 as given:
+
+- :func:`configuration_entropy_reference`: ``F.conv2d`` with the two 3x3
+  kernels, differentiated by autograd; the reference for tests and figures.
+- :func:`configuration_entropy`: the one used in training, a
+  ``torch.autograd.Function`` with the closed-form backward. On CPU (float32 /
+  float64) it runs two fused numba kernels, one pass over memory each (forward:
+  ``S``, ``A`` and ``P = Cx^T Cx W + Cy^T Cy W`` row by row with 3-row ring
+  buffers; backward: ``g * (P / S - sign(W) / A)``). Where numba is missing,
+  fails to compile, for other dtypes, and on CUDA tensors, it falls back to
+  the eager closed form (separable 1-D passes by slicing a padded tensor);
+  on CUDA that eager form is a handful of kernel launches (wrap it in
+  ``torch.compile`` if that ever matters). ``BACKEND`` (default from the
+  environment variable ``SPARSEBENCH_ENTROPY_BACKEND``: ``auto``, ``numba`` or
+  ``eager``) forces a path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from sparsebench.regularizers.base import Regularizer, register
+
+log = logging.getLogger(__name__)
+
+EPS = 1e-18
+"""Guard inside both logs: ``log(0.5 S + EPS**2)`` and ``log(A + EPS)``."""
+
+BACKEND = os.environ.get("SPARSEBENCH_ENTROPY_BACKEND", "auto")
+"""``auto`` (numba on CPU when available, else eager), ``numba`` or ``eager``."""
+
+_EPS2 = EPS * EPS
+# The kernels below work with the unnormalised integer Scharr kernels (32 x the
+# normalised ones), so their S is 32**2 = 1024 times the true S and their P
+# 1024 times the true P; the ratio P / (S + 2 EPS**2) is unchanged when the
+# guard is scaled alike.
+_SCALE = 1024.0
+
+
+def _as_batch(weight: Tensor) -> tuple[Tensor, bool]:
+    if weight.dim() == 2:
+        return weight.unsqueeze(0), True
+    if weight.dim() != 3:
+        raise ValueError(f"expected (K, out, in) or (out, in), got shape {tuple(weight.shape)}")
+    return weight, False
+
+
+def _entropy_from_sums(s_raw: Tensor, a: Tensor) -> Tensor:
+    """H_C from the unnormalised S (x1024) and A."""
+    return 0.5 * torch.log(0.5 * s_raw / _SCALE + _EPS2) - torch.log(a + EPS)
+
+
+# ----------------------------------------------------------------------------
+# Reference: F.conv2d with the two 3x3 kernels, autograd for the gradient.
+
+
+def scharr_kernels(dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+    """The normalised Scharr kernels ``Gx``, ``Gy`` as a ``(2, 1, 3, 3)`` conv2d weight."""
+    gx = torch.tensor([[3.0, 0.0, -3.0], [10.0, 0.0, -10.0], [3.0, 0.0, -3.0]], dtype=dtype) / 32
+    return torch.stack([gx, gx.T]).unsqueeze(1).to(device)
+
+
+def configuration_entropy_reference(weight: Tensor) -> Tensor:
+    """``H_C`` per matrix by direct ``F.conv2d`` (padding 1); ``(K, out, in) -> (K,)``."""
+    w, squeeze = _as_batch(weight)
+    g = F.conv2d(w.unsqueeze(1), scharr_kernels(w.dtype, w.device), padding=1)
+    s = g.pow(2).sum((1, 2, 3))
+    a = w.abs().sum((1, 2))
+    h = 0.5 * torch.log(0.5 * s + _EPS2) - torch.log(a + EPS)
+    return h[0] if squeeze else h
+
+
+# ----------------------------------------------------------------------------
+# Eager closed form: separable 1-D passes on a zero-padded tensor (x32 scaled).
+
+
+def _cx(w: Tensor) -> Tensor:
+    """``32 * Cx w``: vertical [3, 10, 3] smoothing, then horizontal [1, 0, -1] difference."""
+    p = F.pad(w, (1, 1, 1, 1))
+    sv = 3 * (p[:, :-2] + p[:, 2:]) + 10 * p[:, 1:-1]
+    return sv[:, :, :-2] - sv[:, :, 2:]
+
+
+def _cy(w: Tensor) -> Tensor:
+    """``32 * Cy w``: vertical [1, 0, -1] difference, then horizontal [3, 10, 3] smoothing."""
+    p = F.pad(w, (1, 1, 1, 1))
+    dv = p[:, :-2] - p[:, 2:]
+    return 3 * (dv[:, :, :-2] + dv[:, :, 2:]) + 10 * dv[:, :, 1:-1]
+
+
+def _eager_sums(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ex, ey = _cx(w), _cy(w)
+    s_raw = (ex.square() + ey.square()).sum((1, 2))
+    return ex, ey, s_raw, w.abs().sum((1, 2))
+
+
+class _EagerEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: Tensor) -> Tensor:
+        ex, ey, s_raw, a = _eager_sums(w)
+        ctx.save_for_backward(w, ex, ey, s_raw, a)
+        return _entropy_from_sums(s_raw, a)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        w, ex, ey, s_raw, a = ctx.saved_tensors
+        # 1024 * P = -(32 Cx)(32 Cx w) - (32 Cy)(32 Cy w), using Cx^T = -Cx, Cy^T = -Cy.
+        p = _cx(ex).add_(_cy(ey))
+        cs = (-grad / (s_raw + 2 * _SCALE * _EPS2))[:, None, None]
+        ca = (grad / (a + EPS))[:, None, None]
+        return torch.addcmul(p * cs, torch.sign(w), ca, value=-1)
+
+
+def _eager(w: Tensor) -> Tensor:
+    if torch.is_grad_enabled() and w.requires_grad:
+        return _EagerEntropy.apply(w)
+    _, _, s_raw, a = _eager_sums(w)
+    return _entropy_from_sums(s_raw, a)
+
+
+# ----------------------------------------------------------------------------
+# Fused numba kernels (CPU, float32/float64).
+
+try:
+    import numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - numba is a dependency; keep the fallback honest
+    numba = None
+
+_numba_broken = False
+
+if numba is not None:
+    # The stencil. Cx = Sv (x) Dh (rows: smoothing [3, 10, 3]; columns: difference
+    # [1, 0, -1]), each 1-D factor a "same" operator with zero padding, so
+    # Cx^T Cx = (Sv^T Sv) (x) (Dh^T Dh) and Cy^T Cy = (Dv^T Dv) (x) (Sh^T Sh). The
+    # 1-D Gram matrices are 5-tap stencils that differ from the untruncated ones
+    # only in their first and last diagonal entry (the padding drops one term):
+    #   V1 = Sv^T Sv, H2 = Sh^T Sh: [9, 60, 118, 60, 9], centre 109 at a border
+    #        (100 when the axis has length 1);
+    #   V2 = Dv^T Dv, H1 = Dh^T Dh: [-1, 0, 2, 0, -1], centre 1 at a border
+    #        (0 when the axis has length 1).
+    # With the integer kernels (32 x normalised), this gives P_raw = 1024 P.
+    @njit(fastmath=True, cache=True)
+    def _forward_rows(w, p, k, r0, r1, want_p):  # pragma: no cover - compiled
+        """Rows ``r0:r1`` of matrix ``k``: returns (S_raw, A) over them, writes P_raw rows.
+
+        ``P_raw = 1024 (Cx^T Cx + Cy^T Cy) W = (V1 (x) H1 + V2 (x) H2) W``, a
+        separable-sum 5x5 stencil (see the comment above ``_forward_rows``): two
+        1-D passes per row, vertical over five rows of W into a zero-padded row
+        buffer, then horizontal. ``S_raw = <W, P_raw>``, since
+        ``S = |Cx W|^2 + |Cy W|^2 = <W, (Cx^T Cx + Cy^T Cy) W>``.
+        """
+        n, m = w.shape[1], w.shape[2]
+        dt = w.dtype
+        t1 = np.zeros(m + 4, dtype=dt)  # two zero columns each side
+        t2 = np.zeros(m + 4, dtype=dt)
+        scratch = np.empty(m, dtype=dt)
+        # Constants in the array's dtype: a bare 9 would promote float32 math to float64.
+        c = np.zeros(6, dtype=dt)
+        c[1], c[2], c[3], c[4], c[5] = 1, 2, 9, 60, 118
+        zero, one, c2, c9, c60, c118 = c[0], c[1], c[2], c[3], c[4], c[5]
+        s_acc = 0.0
+        a_acc = 0.0
+        for i in range(r0, r1):
+            # Rows i-2..i+2, masked outside the matrix (zero padding).
+            m2u = one if i >= 2 else zero
+            m1u = one if i >= 1 else zero
+            m1d = one if i <= n - 2 else zero
+            m2d = one if i <= n - 3 else zero
+            w2u = w[k, max(i - 2, 0)]
+            w1u = w[k, max(i - 1, 0)]
+            wc = w[k, i]
+            w1d = w[k, min(i + 1, n - 1)]
+            w2d = w[k, min(i + 2, n - 1)]
+            ends = (one if i == 0 else zero) + (one if i == n - 1 else zero)
+            v1c = c118 - c9 * ends  # V1 centre: 118 inside, 109 on a border row
+            v2c = c2 - ends  # V2 centre: 2 inside, 1 on a border row
+            acc = zero  # per-row sums in the array's dtype (vectorises), totals in float64
+            for j in range(m):
+                a2 = m2u * w2u[j] + m2d * w2d[j]
+                a1 = m1u * w1u[j] + m1d * w1d[j]
+                x = wc[j]
+                t1[j + 2] = c9 * a2 + c60 * a1 + v1c * x
+                t2[j + 2] = v2c * x - a2
+                acc += abs(x)
+            a_acc += acc
+            pq = p[k, i] if want_p else scratch
+            acc2 = zero
+            for j in range(m):
+                pj = (
+                    c2 * t1[j + 2]
+                    - (t1[j] + t1[j + 4])
+                    + c9 * (t2[j] + t2[j + 4])
+                    + c60 * (t2[j + 1] + t2[j + 3])
+                    + c118 * t2[j + 2]
+                )
+                pq[j] = pj
+                acc2 += wc[j] * pj
+            # Border columns: H1 centre 2 -> 1, H2 centre 118 -> 109.
+            fix = t1[2] + c9 * t2[2]
+            pq[0] -= fix
+            acc2 -= wc[0] * fix
+            fix = t1[m + 1] + c9 * t2[m + 1]
+            pq[m - 1] -= fix
+            acc2 -= wc[m - 1] * fix
+            s_acc += acc2
+        return s_acc, a_acc
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _forward_kernel(w, p, rows_per_chunk, want_p, h, sums):  # pragma: no cover - compiled
+        """Writes ``h[k] = H_C(w[k])``, ``sums[:, k] = (S_raw, A)`` and, if ``want_p``, ``p``."""
+        kk, n = w.shape[0], w.shape[1]
+        nchunk = (n + rows_per_chunk - 1) // rows_per_chunk
+        s_part = np.zeros(kk * nchunk)
+        a_part = np.zeros(kk * nchunk)
+        for t in prange(kk * nchunk):
+            k = t // nchunk
+            r0 = (t % nchunk) * rows_per_chunk
+            r1 = min(n, r0 + rows_per_chunk)
+            s_part[t], a_part[t] = _forward_rows(w, p, k, r0, r1, want_p)
+        for k in range(kk):
+            s = 0.0
+            a = 0.0
+            for t in range(k * nchunk, (k + 1) * nchunk):
+                s += s_part[t]
+                a += a_part[t]
+            s = max(s, 0.0)  # <W, P> of a (near-)null W may round below 0
+            sums[0, k] = s
+            sums[1, k] = a
+            h[k] = 0.5 * np.log(0.5 * s / _SCALE + _EPS2) - np.log(a + EPS)
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _backward_kernel(w, p, g, sums, out):  # pragma: no cover - compiled
+        """``out[k] = g[k] * (P / (S + 2 EPS^2) - sign(W) / (A + EPS))``, raw scaling."""
+        kk, n, m = w.shape
+        cs = np.empty(kk, dtype=w.dtype)
+        ca = np.empty(kk, dtype=w.dtype)
+        for k in range(kk):
+            cs[k] = g[k] / (sums[0, k] + 2 * _SCALE * _EPS2)
+            ca[k] = g[k] / (sums[1, k] + EPS)
+        for t in prange(kk * n):
+            k = t // n
+            i = t % n
+            c1 = cs[k]
+            c2 = ca[k]
+            wi = w[k, i]
+            pi = p[k, i]
+            oi = out[k, i]
+            for j in range(m):
+                oi[j] = c1 * pi[j] - c2 * np.sign(wi[j])
+
+
+def _rows_per_chunk(kk: int, n: int) -> int:
+    # Enough work items to keep every thread busy.
+    threads = numba.get_num_threads()
+    per_matrix = max(1, -(-2 * threads // kk))
+    return max(8, -(-n // per_matrix))
+
+
+def _sync_threads() -> None:
+    # Use no more threads than torch does (e.g. one per Snakemake job).
+    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != want:
+        numba.set_num_threads(want)
+
+
+def _numba_forward(w: Tensor, want_p: bool) -> tuple[Tensor, Tensor, np.ndarray]:
+    """(H, P_raw, sums (S_raw, A) as a float64 (2, K) array) for contiguous CPU ``w``."""
+    _sync_threads()
+    kk = w.shape[0]
+    p = torch.empty_like(w) if want_p else w  # not written when not wanted
+    h = torch.empty(kk, dtype=w.dtype)
+    sums = np.empty((2, kk))
+    wn = w.numpy()
+    _forward_kernel(wn, p.numpy(), _rows_per_chunk(kk, w.shape[1]), want_p, h.numpy(), sums)
+    return h, p, sums
+
+
+class _FusedEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: Tensor) -> Tensor:
+        h, p, sums = _numba_forward(w.detach().contiguous(), want_p=True)
+        ctx.save_for_backward(w, p)
+        ctx.sums = sums
+        return h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        w, p = ctx.saved_tensors
+        wc = w.detach().contiguous()
+        out = torch.empty_like(wc)
+        _sync_threads()
+        g = grad.detach().to(torch.float64).contiguous().numpy()
+        _backward_kernel(wc.numpy(), p.numpy(), g, ctx.sums, out.numpy())
+        return out
+
+
+_compiled: set[torch.dtype] = set()
+
+
+def _warm_up(dtype: torch.dtype) -> None:
+    """Compile (or load from numba's cache) both kernels for ``dtype`` on a tiny matrix.
+
+    Done once per dtype, inside the caller's try, so that a JIT that cannot work
+    here fails before training starts rather than in a backward pass.
+    """
+    with torch.enable_grad():
+        w = torch.linspace(-1, 1, 12, dtype=dtype).view(1, 3, 4).requires_grad_()
+        (g,) = torch.autograd.grad(_FusedEntropy.apply(w).sum(), w)
+    if not bool(torch.isfinite(g).all()):
+        raise RuntimeError("numba kernel produced a non-finite gradient on a test matrix")
+    _compiled.add(dtype)
+
+
+def _numba_usable(w: Tensor) -> bool:
+    if BACKEND == "eager" or numba is None or _numba_broken:
+        return False
+    return w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64)
+
+
+def _fused(w: Tensor) -> Tensor:
+    if w.dtype not in _compiled:
+        _warm_up(w.dtype)
+    if torch.is_grad_enabled() and w.requires_grad:
+        return _FusedEntropy.apply(w)
+    return _numba_forward(w.detach().contiguous(), want_p=False)[0]
+
+
+def configuration_entropy(weight: Tensor) -> Tensor:
+    """``H_C`` per matrix, fast, with the closed-form gradient; ``(K, out, in) -> (K,)``.
+
+    Fused numba kernels on CPU float32/float64, else (CUDA, other dtypes, no
+    numba, ``BACKEND == "eager"``) the eager separable closed form.
+    """
+    global _numba_broken
+    w, squeeze = _as_batch(weight)
+    if BACKEND not in ("auto", "numba", "eager"):
+        raise ValueError(f"BACKEND must be 'auto', 'numba' or 'eager', not {BACKEND!r}")
+    if BACKEND == "numba" and not _numba_usable(w):
+        raise RuntimeError(
+            f"BACKEND='numba' but numba cannot run here (numba installed: {numba is not None}, "
+            f"device {w.device}, dtype {w.dtype})"
+        )
+    h = None
+    if _numba_usable(w):
+        try:
+            h = _fused(w)
+        except Exception as err:  # a JIT that cannot compile here: fall back, loudly
+            if BACKEND == "numba":
+                raise
+            _numba_broken = True
+            warnings.warn(
+                f"numba kernel for configuration entropy failed ({err!r}); "
+                "falling back to the eager closed form",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    if h is None:
+        h = _eager(w)
+    return h[0] if squeeze else h
+
+
+# ----------------------------------------------------------------------------
+# The paper's Figure 1 and the registered regularizer.
+
+
+def figure1_matrices(seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Two 256x256 0/1 float32 matrices with 1024 ones each (the paper's Figure 1).
+
+    The first has its ones scattered uniformly over the whole matrix, the second
+    uniformly inside the central 64x64 block (rows and columns 96:160). Both have
+    the same Lp norms; the scattered one has the higher ``H_C``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    scattered = torch.zeros(256 * 256)
+    scattered[torch.randperm(256 * 256, generator=gen)[:1024]] = 1.0
+    block = torch.zeros(256, 256)
+    inner = torch.zeros(64 * 64)
+    inner[torch.randperm(64 * 64, generator=gen)[:1024]] = 1.0
+    block[96:160, 96:160] = inner.view(64, 64)
+    return scattered.view(256, 256), block
+
+
+def _flatten_conv(weight: Tensor) -> Tensor:
+    # The engine already passes conv weights as (K, out, in*kh*kw); accept rank 4+ too.
+    return weight.flatten(2) if weight.dim() > 3 else weight
+
+
+@register
+class ConfigurationEntropy(Regularizer):
+    """The paper formula's reading: per layer ``l_C(W) = -H_C(W)``.
+
+    The added term is ``coefficient * sum_layers l_C(W)``: the paper's formula
+    defines its right-hand side as the *negative* of the sparsity loss, so
+    minimising the loss maximises ``H_C``. The prose's reading (minimise
+    ``+H_C``) is the separate arm ``configuration_entropy_prose``.
+    Conv weights arrive from the engine as ``(K, out, in*kh*kw)``.
+    """
+
+    name = "configuration_entropy"
+    description = "configuration entropy, paper formula: coefficient * sum_layers (-H_C(W))"
+
+    def entropy(self, weight: Tensor) -> Tensor:
+        """``H_C`` of stacked matrices ``(K, out, in)``, shape ``(K,)``."""
+        return configuration_entropy(_flatten_conv(weight))
+
+    def measure(self, weight: Tensor) -> Tensor:
+        return -self.entropy(weight)

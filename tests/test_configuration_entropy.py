@@ -1,0 +1,187 @@
+"""Configuration entropy: its properties, every implementation against the conv2d
+reference, and the two registered arms (paper formula and prose reading)."""
+
+import math
+
+import pytest
+import torch
+
+import sparsebench.regularizers as regs
+from sparsebench.regularizers import configuration_entropy as ce
+
+BACKENDS = [
+    "eager",
+    pytest.param("numba", marks=pytest.mark.skipif(ce.numba is None, reason="numba not installed")),
+]
+SHAPES = [(1, 1, 1), (1, 1, 9), (2, 9, 1), (1, 2, 2), (3, 2, 2), (2, 3, 5), (4, 17, 33)]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Force one code path of :func:`configuration_entropy` for the test."""
+    monkeypatch.setattr(ce, "BACKEND", request.param)
+    return request.param
+
+
+def _value_and_grad(fn, w):
+    w = w.detach().clone().requires_grad_()
+    h = fn(w)
+    (g,) = torch.autograd.grad(h.sum(), w)
+    return h.detach(), g, h.grad_fn
+
+
+def _rand(shape, dtype=torch.float64, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def test_backend_flag_selects_the_code_path(backend):
+    w = _rand((2, 4, 5)).requires_grad_()
+    expected = {"numba": "_FusedEntropyBackward", "eager": "_EagerEntropyBackward"}[backend]
+    assert type(ce.configuration_entropy(w).grad_fn).__name__ == expected
+
+
+@pytest.mark.parametrize("a", [-3.0, 0.5, 10.0])
+def test_scale_invariance(backend, a):
+    w = _rand((3, 20, 30))
+    h = ce.configuration_entropy(w)
+    torch.testing.assert_close(ce.configuration_entropy(a * w), h, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ce.configuration_entropy_reference(a * w), h)
+
+
+def test_figure1_matrices():
+    scattered, block = ce.figure1_matrices(seed=0)
+    for m in (scattered, block):
+        assert m.shape == (256, 256)
+        assert set(m.unique().tolist()) == {0.0, 1.0}
+        assert int(m.sum()) == 1024
+    inside = block[96:160, 96:160]
+    assert int(inside.sum()) == 1024
+    # Scattered over the whole matrix: ones outside the central block too.
+    assert int(scattered.sum()) - int(scattered[96:160, 96:160].sum()) > 900
+    # Same Lp norms; reproducible per seed, different across seeds.
+    for p in (1, 2, 3):
+        assert torch.linalg.vector_norm(scattered, p) == torch.linalg.vector_norm(block, p)
+    assert torch.equal(ce.figure1_matrices(0)[0], scattered)
+    assert not torch.equal(ce.figure1_matrices(1)[0], scattered)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_figure1_scattered_has_higher_entropy(backend, seed):
+    scattered, block = ce.figure1_matrices(seed=seed)
+    h_ref = ce.configuration_entropy_reference(torch.stack([scattered, block]))
+    h = ce.configuration_entropy(torch.stack([scattered, block]))
+    torch.testing.assert_close(h, h_ref)
+    assert h[0] > h[1] + 0.05  # about 0.12 over seeds 0..49 (0.11 at least)
+    # Scattered ones are mostly isolated: each isolated one adds 2 * 236 / 1024 to S.
+    assert h[0] == pytest.approx(0.5 * math.log(1024 * 236 / 1024) - math.log(1024), abs=0.05)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7), (2, 1, 4), (2, 4, 1), (2, 3, 3)])
+def test_gradient_matches_finite_differences(backend, shape):
+    w = _rand(shape, seed=1).requires_grad_()
+    assert torch.autograd.gradcheck(ce.configuration_entropy, (w,), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(ce.configuration_entropy_reference, (w,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [*SHAPES, (1, 300, 784)])
+def test_fast_equals_reference_float32(backend, shape):
+    w = _rand(shape, dtype=torch.float32, seed=2)
+    h, g, _ = _value_and_grad(ce.configuration_entropy, w)
+    h_ref, g_ref, _ = _value_and_grad(ce.configuration_entropy_reference, w)
+    assert h.dtype == g.dtype == torch.float32
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5 * g_ref.abs().max().item())
+
+
+def test_fast_equals_reference_float64_and_noncontiguous(backend):
+    w = _rand((3, 11, 6)).transpose(1, 2)  # not contiguous
+    h, g, _ = _value_and_grad(ce.configuration_entropy, w)
+    h_ref, g_ref, _ = _value_and_grad(ce.configuration_entropy_reference, w)
+    assert h.dtype == torch.float64
+    torch.testing.assert_close(h, h_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-14)
+
+
+def test_value_without_grad_and_2d_input(backend):
+    w = _rand((2, 6, 9))
+    with torch.no_grad():
+        h = ce.configuration_entropy(w)
+    torch.testing.assert_close(h, ce.configuration_entropy_reference(w))
+    torch.testing.assert_close(ce.configuration_entropy(w[1]), h[1])
+    assert ce.configuration_entropy(w[1]).shape == ()
+
+
+@pytest.mark.parametrize("fn", ["fast", "reference"])
+def test_finite_on_zero_and_single_nonzero(backend, fn):
+    f = ce.configuration_entropy if fn == "fast" else ce.configuration_entropy_reference
+    zero = torch.zeros(2, 6, 7)
+    single = torch.zeros(2, 6, 7)
+    single[0, 3, 4] = 2.5  # inside
+    single[1, 0, 0] = -1.0  # in a corner
+    tiny = torch.zeros(1, 1, 1) + 0.5  # S = 0 with A > 0
+    for w in (zero, single, tiny, torch.zeros(1, 1, 1)):
+        h, g, _ = _value_and_grad(f, w)
+        assert torch.isfinite(h).all() and torch.isfinite(g).all()
+    h, g, _ = _value_and_grad(f, zero)
+    assert torch.equal(h, torch.zeros(2)) and torch.equal(g, torch.zeros_like(zero))
+    # An isolated one: S = 2 * (9 + 100 + 9) * 2 / 1024, A = 1.
+    h, _, _ = _value_and_grad(f, single)
+    assert h[0].item() == pytest.approx(0.5 * math.log(236 / 1024), rel=1e-5)
+
+
+def test_numba_failure_falls_back_to_eager(monkeypatch):
+    monkeypatch.setattr(ce, "BACKEND", "auto")
+    monkeypatch.setattr(ce, "_numba_broken", False)
+
+    def broken(w):
+        raise RuntimeError("no JIT here")
+
+    monkeypatch.setattr(ce, "_fused", broken)
+    w = _rand((2, 5, 6), dtype=torch.float32)
+    if ce.numba is not None:
+        with pytest.warns(RuntimeWarning, match="falling back"):
+            h = ce.configuration_entropy(w)
+        assert ce._numba_broken
+    h = ce.configuration_entropy(w)  # no second warning: eager from now on
+    torch.testing.assert_close(h, ce.configuration_entropy_reference(w))
+    monkeypatch.setattr(ce, "BACKEND", "numba")
+    with pytest.raises(RuntimeError):
+        ce.configuration_entropy(w)
+
+
+def test_bad_backend_and_other_dtypes(monkeypatch):
+    monkeypatch.setattr(ce, "BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="BACKEND"):
+        ce.configuration_entropy(torch.ones(1, 2, 2))
+    monkeypatch.setattr(ce, "BACKEND", "auto")
+    w = _rand((1, 5, 6), dtype=torch.float32)
+    h16, g16, fn = _value_and_grad(ce.configuration_entropy, w.to(torch.bfloat16))
+    assert type(fn).__name__ == "_EagerEntropyBackward"  # numba kernels are float32/64 only
+    assert h16.dtype == torch.bfloat16 and torch.isfinite(g16.float()).all()
+    torch.testing.assert_close(h16.float(), ce.configuration_entropy(w), rtol=0.05, atol=0.05)
+
+
+def test_registered_arms(backend):
+    w = _rand((3, 8, 12), dtype=torch.float32)
+    h = ce.configuration_entropy_reference(w)
+    paper = regs.get("configuration_entropy")(coefficient=2.0)
+    prose = regs.get("configuration_entropy_prose")(coefficient=2.0)
+    torch.testing.assert_close(paper.loss_term({"fc1": w}), -2 * h)
+    torch.testing.assert_close(prose.loss_term({"fc1": w}), 2 * h)
+    # Batched K=3 equals three K=1 calls; layers add up.
+    single = torch.cat([paper.loss_term({"fc1": w[k : k + 1]}) for k in range(3)])
+    torch.testing.assert_close(paper.loss_term({"fc1": w}), single)
+    v = _rand((3, 4, 5), dtype=torch.float32, seed=3)
+    torch.testing.assert_close(
+        paper.loss_term({"fc1": w, "fc2": v}), -2 * (h + ce.configuration_entropy_reference(v))
+    )
+    # A conv weight given as (K, out, in, kh, kw) is read as (K, out, in*kh*kw).
+    conv = _rand((3, 4, 2, 3, 3), dtype=torch.float32, seed=4)
+    torch.testing.assert_close(
+        paper.measure(conv), -ce.configuration_entropy_reference(conv.flatten(2))
+    )
+    # The gradient flows through the arm with the arm's sign.
+    wg = w.clone().requires_grad_()
+    (g,) = torch.autograd.grad(paper.loss_term({"fc1": wg}).sum(), wg)
+    _, g_ref, _ = _value_and_grad(ce.configuration_entropy_reference, w)
+    torch.testing.assert_close(g, -2 * g_ref, rtol=1e-4, atol=1e-6)
