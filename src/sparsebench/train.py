@@ -67,7 +67,7 @@ def evaluate(model: StackedMLP, split: Split, batch_size: int = 10000) -> tuple[
     """Mean cross-entropy and accuracy (percent) of every stacked network, each (K,)."""
     k = model.num_networks
     loss_sum = torch.zeros(k, device=split.images.device)
-    correct = torch.zeros(k, device=split.images.device)
+    correct = torch.zeros(k, device=split.images.device, dtype=torch.float64)  # exact counts
     for start in range(0, len(split.labels), batch_size):
         x = split.images[start : start + batch_size]
         y = split.labels[start : start + batch_size]
