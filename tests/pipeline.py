@@ -27,7 +27,7 @@ def tiny_experiment(arms: Sequence[str] = ("none", "entropy"), seeds: int = 2) -
         "dataset": "mnist",
         "model": "lenet300",
         "seeds": seeds,
-        "seeds_per_job": 1,
+        "seeds_per_job": 2,
         "train": {"lr": 1.0e-3, "epochs": 1, "batch_size": 32, "eval_batch_size": 500},
         "prune": {"criteria": ["sensitivity", "magnitude", "random"], "percentile_step": 1.0},
         "report": {

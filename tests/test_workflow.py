@@ -60,7 +60,7 @@ def test_sweep_csv_and_provenance(tiny_run: Path) -> None:
 
     meta = json.loads((tiny_run / "results/tiny/entropy/prune/seed1.json").read_text())
     train_meta = json.loads(
-        (tiny_run / "results/tiny/entropy/train/seeds1-1/seed1/metadata.json").read_text()
+        (tiny_run / "results/tiny/entropy/train/seeds0-1/seed1/metadata.json").read_text()
     )
     for record in (meta, train_meta):
         assert record["seed"] == 1
@@ -75,7 +75,7 @@ def test_sweep_csv_and_provenance(tiny_run: Path) -> None:
     assert meta["unpruned_test_accuracy"] == pytest.approx(
         meta["final_test_accuracy_in_training"], abs=1e-6
     )
-    log = pd.read_csv(tiny_run / "results/tiny/entropy/train/seeds1-1/seed1/log.csv")
+    log = pd.read_csv(tiny_run / "results/tiny/entropy/train/seeds0-1/seed1/log.csv")
     assert list(log["epoch"]) == [1]
     assert {"train_loss", "reg_configuration_entropy", "test_accuracy"} <= set(log.columns)
 
