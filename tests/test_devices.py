@@ -5,6 +5,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -84,6 +86,16 @@ def test_device_type_plans_without_the_device(no_cuda):
 
 def test_device_type_auto_with_cuda(two_fake_gpus):
     assert device_type("auto") == "cuda"
+
+
+def test_planning_does_not_import_torch():
+    # The Snakefile calls device_type on every parse (once per cluster job, too).
+    code = (
+        "import sys; from sparsebench.devices import device_type; "
+        "assert device_type('cuda:1') == 'cuda' and device_type('cpu') == 'cpu'; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 # --- claim_device: no pool ------------------------------------------------------

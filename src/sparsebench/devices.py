@@ -24,6 +24,9 @@ the index. Two SLURM jobs that each see "GPU 0" but hold different physical
 GPUs therefore never wait on each other. The lock folder is per machine
 (``SPARSEBENCH_GPU_LOCK_DIR``, default ``<system temp>/sparsebench-gpu-locks``);
 a lock dies with its process, so a killed job never leaves a GPU claimed.
+
+torch is imported where it is needed, so that planning code (the Snakefile's
+``device_type``) stays cheap to import.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DeviceBusyError",
@@ -62,6 +67,8 @@ class DeviceBusyError(TimeoutError):
 
 
 def _cuda_unavailable(requested: str) -> RuntimeError:
+    import torch
+
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     where = (
         f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "no CUDA_VISIBLE_DEVICES"
@@ -80,6 +87,8 @@ def resolve_device(requested: str = "auto") -> torch.device:
     ``ValueError`` for anything else (naming it) and ``RuntimeError`` when CUDA
     is asked for and there is none, or ``cuda:N`` names a GPU that is not there.
     """
+    import torch
+
     text = str(requested).strip().lower()
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -108,10 +117,13 @@ def device_type(requested: str = "auto") -> str:
     For planning jobs, not for running them: an explicit ``cuda``/``cuda:N`` is
     ``"cuda"`` even where this machine has no GPU (a cluster's login node plans
     the GPU jobs that run elsewhere); only ``auto`` looks at this machine.
-    Unknown values raise ``ValueError`` like :func:`resolve_device`.
+    Unknown values raise ``ValueError`` like :func:`resolve_device`. Imports
+    torch only for ``auto``, which keeps planning (the Snakefile) light.
     """
     text = str(requested).strip().lower()
     if text == "auto":
+        import torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
     if text == "cpu":
         return "cpu"
@@ -183,6 +195,8 @@ def claim_device(
     ``timeout`` (seconds; default ``SPARSEBENCH_GPU_TIMEOUT`` or 24 h) bounds
     the wait for a free GPU; then :class:`DeviceBusyError` is raised.
     """
+    import torch
+
     if device_count is None:
         device = resolve_device(requested)
         pooled = device.type == "cuda" and device.index is None
