@@ -21,6 +21,7 @@ both sides alike. Epoch times can be measured on a subset of the training set
 from __future__ import annotations
 
 import argparse
+import gzip
 import statistics
 import subprocess
 import sys
@@ -55,8 +56,10 @@ def naive_epoch(raw_dir: Path, samples: int, device: torch.device) -> None:
     from torchvision import transforms
 
     with tempfile.TemporaryDirectory() as root:
-        (Path(root) / "MNIST").mkdir()
-        (Path(root) / "MNIST" / "raw").symlink_to(Path(raw_dir).resolve())
+        raw = Path(root) / "MNIST" / "raw"  # torchvision reads the decompressed files
+        raw.mkdir(parents=True)
+        for gz in Path(raw_dir).glob("*-ubyte.gz"):
+            (raw / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
         dataset = torchvision.datasets.MNIST(
             root,
             train=True,
