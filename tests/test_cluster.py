@@ -63,6 +63,13 @@ def slurm():
             mp.setenv("SLURM_CONF", str(conf))
         # CUDA_VISIBLE_DEVICES comes from SLURM inside the jobs, not from here.
         mp.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        # `scontrol ping` answers at once; sinfo retries for half a minute when down.
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+        if ping.returncode != 0 or "UP" not in ping.stdout:
+            reason = (ping.stdout.strip().splitlines() or [ping.stderr.strip()])[0]
+            pytest.skip(
+                f"SLURM is not up ({reason[:200]}); start it with tests/cluster/start_slurm.sh"
+            )
         try:
             info = subprocess.run(
                 ["sinfo", "-h", "-o", "%R %a %T"], capture_output=True, text=True, timeout=30
