@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -253,6 +254,57 @@ def test_locks_follow_cuda_visible_devices(tmp_path, monkeypatch):
     ):
         assert {a.index, b.index} == {0, 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-3.lock", "gpu-GPU-1f2e.lock"]
+
+
+def _fake_real_gpus(monkeypatch, uuids):
+    """torch reports len(uuids) GPUs with these UUIDs (no device_count override)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(uuids))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda index: types.SimpleNamespace(uuid=uuids[index]),
+    )
+
+
+def test_real_gpus_are_locked_by_uuid(tmp_path, monkeypatch):
+    # Under SLURM with ConstrainDevices every job sees its own GPU as index 0.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    _fake_real_gpus(monkeypatch, ["11111111-aaaa"])
+    with claim_device("cuda", lock_dir=tmp_path, timeout=1) as first:
+        assert first == torch.device("cuda", 0)
+        # Another job on the same node, another physical GPU, also "GPU 0": no wait.
+        _fake_real_gpus(monkeypatch, ["22222222-bbbb"])
+        with claim_device("cuda", lock_dir=tmp_path, timeout=1) as second:
+            assert second == torch.device("cuda", 0)
+        # The same physical GPU again: taken.
+        _fake_real_gpus(monkeypatch, ["11111111-aaaa"])
+        with (
+            pytest.raises(DeviceBusyError),
+            claim_device("cuda", lock_dir=tmp_path, timeout=0.3),
+        ):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "gpu-uuid-11111111-aaaa.lock",
+        "gpu-uuid-22222222-bbbb.lock",
+    ]
+
+
+def test_real_gpus_without_uuid_fall_back_to_visible_ids(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    _fake_real_gpus(monkeypatch, ["x", "y"])
+
+    def no_uuid(index):
+        raise AttributeError("uuid")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", no_uuid)
+    with (
+        claim_device("cuda", lock_dir=tmp_path, timeout=1) as a,
+        claim_device("cuda", lock_dir=tmp_path, timeout=1) as b,
+    ):
+        assert {a.index, b.index} == {0, 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-4.lock", "gpu-5.lock"]
 
 
 def test_default_lock_dir(monkeypatch, tmp_path):

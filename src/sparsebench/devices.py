@@ -18,12 +18,12 @@ taken the claim waits, up to a timeout, then fails saying who holds them. An
 explicit ``cuda:N`` or the CPU bypasses the pool (``cuda:0`` is how to share
 one GPU between jobs on purpose).
 
-Locks are named after the GPU's identity as the process sees it: the entry of
-``CUDA_VISIBLE_DEVICES`` when that is set (as SLURM sets it per job), else
-the index. Two SLURM jobs that each see "GPU 0" but hold different physical
-GPUs therefore never wait on each other. The lock folder is per machine
-(``SPARSEBENCH_GPU_LOCK_DIR``, default ``<system temp>/sparsebench-gpu-locks``);
-a lock dies with its process, so a killed job never leaves a GPU claimed.
+Locks are named after the physical GPU: its UUID (else the entry of
+``CUDA_VISIBLE_DEVICES``, else the index). Two SLURM jobs on one node that
+each see "GPU 0" but hold different GPUs therefore never wait on each other.
+The lock folder is per machine (``SPARSEBENCH_GPU_LOCK_DIR``, default
+``<system temp>/sparsebench-gpu-locks``); a lock dies with its process, so a
+killed job never leaves a GPU claimed.
 
 torch is imported where it is needed, so that planning code (the Snakefile's
 ``device_type``) stays cheap to import.
@@ -140,13 +140,25 @@ def default_lock_dir() -> Path:
     return Path(tempfile.gettempdir()) / "sparsebench-gpu-locks"
 
 
-def _gpu_keys(count: int) -> list[str]:
-    """A lock name per visible GPU index: its CUDA_VISIBLE_DEVICES entry, else the index."""
+def _gpu_keys(count: int, real: bool) -> list[str]:
+    """A lock name per visible GPU index, naming the physical GPU where possible.
+
+    Real GPUs are named by their UUID: under SLURM with cgroup device
+    constraints every job sees its own GPU as index 0 and CUDA_VISIBLE_DEVICES=0,
+    and jobs sharing a node must not wait on each other for "GPU 0". Otherwise
+    (fake counts, UUID unavailable) the CUDA_VISIBLE_DEVICES entry, else the index.
+    """
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     entries = [e.strip() for e in visible.split(",")] if visible else []
     keys = []
     for index in range(count):
         raw = entries[index] if index < len(entries) and entries[index] else str(index)
+        if real:
+            import torch
+
+            # An older torch or driver without UUIDs keeps the fallback.
+            with contextlib.suppress(Exception):
+                raw = f"uuid-{torch.cuda.get_device_properties(index).uuid}"
         keys.append(re.sub(r"[^A-Za-z0-9._-]", "_", raw))
     return keys
 
@@ -230,7 +242,7 @@ def claim_device(
         timeout = float(os.environ.get("SPARSEBENCH_GPU_TIMEOUT", DEFAULT_TIMEOUT_S))
     lock_dir = Path(lock_dir) if lock_dir is not None else default_lock_dir()
     _make_lock_dir(lock_dir)
-    paths = [lock_dir / f"gpu-{key}.lock" for key in _gpu_keys(count)]
+    paths = [lock_dir / f"gpu-{key}.lock" for key in _gpu_keys(count, real=device_count is None)]
 
     deadline = time.monotonic() + timeout
     # Start the scan at a per-process offset so that simultaneous claims
