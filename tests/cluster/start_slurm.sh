@@ -35,13 +35,43 @@ conf="$state/slurm.conf"
 log() { echo "start_slurm: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# The program a pid runs: argv[0]'s basename, looking through `nohup`, which
+# the process still is between fork and exec.
+program_of() {
+    local args
+    mapfile -d '' -t args <"/proc/$1/cmdline" 2>/dev/null || return 1
+    [ "${#args[@]}" -gt 0 ] || return 1
+    if [ "$(basename "${args[0]}")" = nohup ] && [ "${#args[@]}" -gt 1 ]; then
+        basename "${args[1]}"
+    else
+        basename "${args[0]}"
+    fi
+}
+
 # A recorded pid that is alive and still runs the program we started.
 alive() {
     local name="$1" pid
     [ -s "$state/pids/$name" ] || return 1
     pid="$(cat "$state/pids/$name")"
     kill -0 "$pid" 2>/dev/null || return 1
-    [ "$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | head -n 1 | xargs -r basename)" = "$name" ]
+    [ "$(program_of "$pid")" = "$name" ]
+}
+
+# Start a daemon in the foreground of a background process; record its pid.
+launch() {
+    local name="$1"
+    shift
+    local pid
+    nohup "$@" </dev/null >>"$state/log/$name.out" 2>&1 &
+    pid=$!
+    echo "$pid" >"$state/pids/$name"
+    # Until the fork has exec'd, the pid still shows this script.
+    for _ in $(seq 100); do
+        [ "$(program_of "$pid")" = "$name" ] && return 0
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.05
+    done
+    die "$name did not start; see $state/log/$name.out"
 }
 
 # --- already running? -------------------------------------------------------
@@ -113,14 +143,12 @@ echo "SLURM_CONF=$conf" >"$state/env"
 # --- munged (our own key and socket) -----------------------------------------
 dd if=/dev/urandom of="$state/munge/munge.key" bs=1024 count=1 status=none
 chmod 400 "$state/munge/munge.key"
-nohup munged --foreground --force \
+launch munged munged --foreground --force \
     --key-file="$state/munge/munge.key" \
     --socket="$state/munge/munge.socket" \
     --pid-file="$state/munge/munged.pid" \
     --seed-file="$state/munge/munge.seed" \
-    --log-file="$state/log/munged.log" \
-    </dev/null >>"$state/log/munged.out" 2>&1 &
-echo $! >"$state/pids/munged"
+    --log-file="$state/log/munged.log"
 for _ in $(seq 50); do
     [ -S "$state/munge/munge.socket" ] && break
     alive munged || die "munged exited; see $state/log/munged.log"
@@ -130,15 +158,13 @@ done
 
 # --- slurmctld, slurmd ---------------------------------------------------------
 export SLURM_CONF="$conf"
-nohup slurmctld -D -f "$conf" </dev/null >>"$state/log/slurmctld.out" 2>&1 &
-echo $! >"$state/pids/slurmctld"
+launch slurmctld slurmctld -D -f "$conf"
 for _ in $(seq 100); do
     scontrol ping >/dev/null 2>&1 && break
     alive slurmctld || die "slurmctld exited; see $state/log/slurmctld.log"
     sleep 0.1
 done
-nohup slurmd -D -f "$conf" -N "$host" </dev/null >>"$state/log/slurmd.out" 2>&1 &
-echo $! >"$state/pids/slurmd"
+launch slurmd slurmd -D -f "$conf" -N "$host"
 
 # Wait for the node to register and become idle.
 node_state=""
