@@ -118,8 +118,9 @@ def train_networks(
 ) -> tuple[StackedMLP, list[list[EpochRecord]]]:
     """Train one network per seed under ``regularizers``; return the model and per-seed logs.
 
-    ``train`` and ``test`` must already be on ``device``; the networks take their dtype. ``on_epoch(epoch, records)`` is
-    called after every epoch with that epoch's record of each seed.
+    ``train`` and ``test`` must already be on ``device``; the networks take their dtype.
+    ``on_epoch(epoch, records)`` is called after every epoch with that epoch's record of
+    each seed.
     """
     unbatchable = [r.name for r in regularizers if not r.supports_batching]
     if unbatchable and len(seeds) > 1:

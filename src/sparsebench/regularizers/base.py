@@ -100,8 +100,8 @@ class Regularizer(ABC):
         return 0.0
 
     @torch.no_grad()
-    def after_step(self, weights: Mapping[str, Tensor], lr: float) -> None:
-        """In-place update of the selected weights after each optimizer step."""
+    def after_step(self, weights: Mapping[str, Tensor], lr: float) -> None:  # noqa: B027
+        """In-place update of the selected weights after each optimizer step (default: none)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(coefficient={self.coefficient}, layers={self.layers})"
