@@ -11,7 +11,6 @@ every per-network quantity is returned as a tensor of shape ``(K,)``.
 
 from __future__ import annotations
 
-from abc import ABC
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
@@ -28,7 +27,7 @@ class UnknownRegularizerError(KeyError):
         return str(self.args[0])
 
 
-class Regularizer(ABC):
+class Regularizer:
     """Base class of a sparsity regularizer acting on stacked weight matrices.
 
     A subclass overrides what it needs:
@@ -100,7 +99,7 @@ class Regularizer(ABC):
         return 0.0
 
     @torch.no_grad()
-    def after_step(self, weights: Mapping[str, Tensor], lr: float) -> None:  # noqa: B027
+    def after_step(self, weights: Mapping[str, Tensor], lr: float) -> None:
         """In-place update of the selected weights after each optimizer step (default: none)."""
 
     def __repr__(self) -> str:
