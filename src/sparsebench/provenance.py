@@ -64,6 +64,12 @@ def provenance(**fields: Any) -> dict[str, Any]:
         "versions": package_versions(),
         "git_commit": git_commit(Path(__file__).resolve().parent),
         "host": platform.node(),
+        # Which physical GPU and which cluster job, where a scheduler chose them.
+        "environment": {
+            name: os.environ[name]
+            for name in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_JOB_NODELIST")
+            if name in os.environ
+        },
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

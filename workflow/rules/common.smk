@@ -115,11 +115,12 @@ def prune_settings(wildcards):
     }
 
 
-def train_runtime_minutes(wildcards):
+def train_runtime_minutes(wildcards, attempt):
+    """The train job's time limit: scales with seeds x epochs, and grows on each retry."""
     exp = EXPERIMENTS[wildcards.experiment]
     seeds = len(chunk_seeds(wildcards.experiment, wildcards.chunk))
     per_seed_epoch = RESOURCES.get("train_minutes_per_seed_epoch", 0.5)
-    return max(10, int(per_seed_epoch * seeds * exp.train.epochs) + 5)
+    return attempt * max(10, int(per_seed_epoch * seeds * exp.train.epochs) + 5)
 
 
 def gpus_per_job():
