@@ -6,10 +6,16 @@ and gradient of H_C summed over LeNet300's three weight matrices (300x784,
 
 - ``reference``: F.conv2d with the 3x3 Scharr kernels, autograd backward;
 - ``eager``: the separable closed form (autograd.Function, eager torch ops);
-- ``fused``: the numba kernels used in training (the default path on CPU);
+- ``fused``: the numba kernels used in training (the default path on CPU:
+  the parallel kernels for stacks of at least ``PARALLEL_MIN_NUMEL`` elements
+  when torch has more than one thread, else the serial ones);
+- ``fused-1t``: the serial numba kernels only;
 - ``compiled`` (``--compile``): torch.compile of the eager closed form.
 
-and the ratio of each to the reference. ``--cold`` also measures the first
+and the ratio of each to the reference. Wall-clock times (median and min) and
+process CPU times (which include every thread, and spinning) are both shown:
+on a shared machine the CPU time and the min are the steadier numbers;
+``--threads 1`` makes CPU time equal work. ``--cold`` also measures the first
 call's JIT compile time of the numba kernels in fresh subprocesses, with an
 empty cache and then with the cache it just wrote.
 
@@ -49,24 +55,35 @@ def _fused(w):
         ce.BACKEND = backend
 
 
+def _fused_serial(w):
+    limit, ce.PARALLEL_MIN_NUMEL = ce.PARALLEL_MIN_NUMEL, 2**62
+    try:
+        return _fused(w)
+    finally:
+        ce.PARALLEL_MIN_NUMEL = limit
+
+
 def _step(fn, weights):
     total = sum(fn(w).sum() for w in weights)
     return torch.autograd.grad(total, weights)
 
 
-def bench(impls: dict, k: int, rounds: int) -> dict[str, float]:
+def bench(impls: dict, k: int, rounds: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Per implementation: (wall times, process CPU times) of ``rounds`` interleaved steps."""
     gen = torch.Generator().manual_seed(0)
     weights = [(0.05 * torch.randn(k, o, i, generator=gen)).requires_grad_() for o, i in SHAPES]
     for fn in impls.values():  # warm-up (JIT, allocator)
         for _ in range(5):
             _step(fn, weights)
-    times: dict[str, list[float]] = {name: [] for name in impls}
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in impls}
     for _ in range(rounds):
         for name, fn in impls.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             _step(fn, weights)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            t1, c1 = time.perf_counter(), time.process_time()
+            times[name][0].append(t1 - t0)
+            times[name][1].append(c1 - c0)
+    return times
 
 
 _COLD = """
@@ -105,6 +122,7 @@ def main() -> None:
         "reference": ce.configuration_entropy_reference,
         "eager": _eager,
         "fused": _fused,
+        "fused-1t": _fused_serial,
     }
     if args.compile:
         eager_value = torch.compile(lambda w: ce._entropy_from_sums(*ce._eager_sums(w)[2:]))
@@ -115,11 +133,21 @@ def main() -> None:
         f"torch threads {torch.get_num_threads()}; value+grad of H_C over LeNet300's "
         f"{', '.join(f'{o}x{i}' for o, i in SHAPES)}; median of {args.rounds} rounds"
     )
-    print(f"{'K':>3} {'impl':>10} {'ms/step':>9} {'vs reference':>13}")
+    print(
+        "ms per value+grad step: wall median and min, process CPU time median (all threads);\n"
+        "ratio: wall median / the reference's (the CPU-time ratio in brackets)"
+    )
+    print(f"{'K':>3} {'impl':>10} {'wall med':>9} {'wall min':>9} {'cpu med':>9} {'ratio':>7}")
     for k in (1, 8):
         res = bench(impls, k, args.rounds)
-        for name, t in res.items():
-            print(f"{k:>3} {name:>10} {1e3 * t:9.3f} {t / res['reference']:12.3f}x")
+        ref_wall = statistics.median(res["reference"][0])
+        ref_cpu = statistics.median(res["reference"][1])
+        for name, (wall, cpu) in res.items():
+            w_med, c_med = statistics.median(wall), statistics.median(cpu)
+            print(
+                f"{k:>3} {name:>10} {1e3 * w_med:9.3f} {1e3 * min(wall):9.3f} {1e3 * c_med:9.3f}"
+                f" {w_med / ref_wall:6.3f}x ({c_med / ref_cpu:.3f}x)"
+            )
     if args.cold:
         cold_start()
 

@@ -3,6 +3,7 @@ reference, and the two registered arms (paper formula and prose reading)."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -100,6 +101,36 @@ def test_fast_equals_reference_float64_and_noncontiguous(backend):
     assert h.dtype == torch.float64
     torch.testing.assert_close(h, h_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.skipif(ce.numba is None, reason="numba not installed")
+@pytest.mark.parametrize("shape", [(3, 17, 33), (2, 1, 5), (2, 40, 3)])
+def test_parallel_kernels_equal_serial_ones(shape):
+    """The row-chunked parallel kernels, for any chunking, equal the serial ones."""
+    w = _rand(shape, dtype=torch.float32, seed=5).numpy()
+    kk = shape[0]
+    g = np.arange(1.0, kk + 1, dtype=np.float32)
+    h, sums, out = np.empty(kk, w.dtype), np.empty((2, kk)), np.empty_like(w)
+    ce._value_serial(w, shape[1], h, sums)
+    ce._grad_serial(w, shape[1], g, sums, out)
+    for rows_per_chunk in (1, 2, 3, 7, shape[1]):
+        h2, sums2, out2 = np.empty(kk, w.dtype), np.empty((2, kk)), np.empty_like(w)
+        ce._value_parallel(w, rows_per_chunk, h2, sums2)
+        ce._grad_parallel(w, rows_per_chunk, g, sums2, out2)
+        np.testing.assert_allclose(h2, h, rtol=1e-6)
+        np.testing.assert_allclose(sums2, sums, rtol=1e-5)
+        np.testing.assert_allclose(out2, out, rtol=1e-5, atol=1e-6 * np.abs(out).max())
+
+
+@pytest.mark.parametrize("min_numel", [0, 10**9])
+def test_parallel_and_serial_paths_equal_reference(monkeypatch, min_numel):
+    monkeypatch.setattr(ce, "BACKEND", "auto")
+    monkeypatch.setattr(ce, "PARALLEL_MIN_NUMEL", min_numel)
+    w = _rand((3, 30, 20), dtype=torch.float32, seed=6)
+    h, g, _ = _value_and_grad(ce.configuration_entropy, w)
+    h_ref, g_ref, _ = _value_and_grad(ce.configuration_entropy_reference, w)
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5 * g_ref.abs().max().item())
 
 
 def test_value_without_grad_and_2d_input(backend):

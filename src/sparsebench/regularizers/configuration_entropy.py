@@ -47,9 +47,15 @@ float32 or float64 as given:
   kernels, differentiated by autograd; the reference for tests and figures.
 - :func:`configuration_entropy`: the one used in training, a
   ``torch.autograd.Function`` with the closed-form backward. On CPU (float32 /
-  float64) it runs two fused numba kernels, one pass over memory each (forward:
-  ``S``, ``A`` and ``P = Cx^T Cx W + Cy^T Cy W`` row by row with 3-row ring
-  buffers; backward: ``g * (P / S - sign(W) / A)``). Where numba is missing,
+  float64) it runs fused numba kernels, one pass over W each: the forward sums
+  ``S`` and ``A`` row by row; the backward recomputes
+  ``P = Cx^T Cx W + Cy^T Cy W`` row by row (a separable-sum 5x5 stencil, see
+  the comment above ``_rows``) and writes ``g * (P / S - sign(W) / A)``
+  directly, so nothing of W's size is kept between the two. Matrices of at
+  least ``PARALLEL_MIN_NUMEL`` elements run on torch's thread count (chunks
+  of rows), smaller ones serially. The first call per dtype compiles the
+  kernels (about 10 s per dtype on 2 cores; numba's on-disk cache makes
+  later processes load them in well under a second). Where numba is missing,
   fails to compile, for other dtypes, and on CUDA tensors, it falls back to
   the eager closed form (separable 1-D passes by slicing a padded tensor);
   on CUDA that eager form is a handful of kernel launches (wrap it in
@@ -62,6 +68,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 
 import numpy as np
@@ -193,84 +200,88 @@ if numba is not None:
     #        (0 when the axis has length 1).
     # With the integer kernels (32 x normalised), this gives P_raw = 1024 P.
     @njit(fastmath=True, cache=True)
-    def _forward_rows(w, p, k, r0, r1, want_p):  # pragma: no cover - compiled
-        """Rows ``r0:r1`` of matrix ``k``: returns (S_raw, A) over them, writes P_raw rows.
+    def _border_p(q2, t2, q0, j, m, t1j):  # pragma: no cover - compiled
+        """P_raw at a border column ``j`` (0 or m-1): H1 centre 2 -> 1, H2 centre 118 -> 109."""
+        pj = q2[j] + q2[j + 4] + 60 * (t2[j + 1] + t2[j + 3]) + q0[j + 2]
+        borders = (1 if j == 0 else 0) + (1 if j == m - 1 else 0)
+        return pj - borders * (t1j + 9 * t2[j + 2])
 
-        ``P_raw = 1024 (Cx^T Cx + Cy^T Cy) W = (V1 (x) H1 + V2 (x) H2) W``, a
-        separable-sum 5x5 stencil (see the comment above ``_forward_rows``): two
-        1-D passes per row, vertical over five rows of W into a zero-padded row
-        buffer, then horizontal. ``S_raw = <W, P_raw>``, since
-        ``S = |Cx W|^2 + |Cy W|^2 = <W, (Cx^T Cx + Cy^T Cy) W>``.
+    @njit(fastmath=True, cache=True)
+    def _rows(w, out, k, r0, r1, c1, c2, grad):  # pragma: no cover - compiled
+        """Rows ``r0:r1`` of matrix ``k``, from ``P_raw = 1024 (Cx^T Cx + Cy^T Cy) W``.
+
+        ``P_raw = (V1 (x) H1 + V2 (x) H2) W`` is a separable-sum 5x5 stencil (see
+        the comment above): per row, a vertical pass over five rows of W gives
+        ``t1 = V1 W`` and ``t2 = V2 W``, kept as the zero-padded row buffers
+        ``q2 = 9 t2 - t1`` (the horizontal taps at +-2), ``t2`` (x60 at +-1) and
+        ``q0 = 2 t1 + 118 t2`` (centre); then a horizontal pass. P itself is
+        never stored. With ``grad`` false, returns (S_raw, A) over the rows, using
+        ``S = |Cx W|^2 + |Cy W|^2 = <W, (Cx^T Cx + Cy^T Cy) W>``. With ``grad``
+        true, writes ``out = c1 * P_raw - c2 * sign(W)`` and returns (0, 0).
         """
         n, m = w.shape[1], w.shape[2]
         dt = w.dtype
-        t1 = np.zeros(m + 4, dtype=dt)  # two zero columns each side
+        q2 = np.zeros(m + 4, dtype=dt)  # two zero columns each side
         t2 = np.zeros(m + 4, dtype=dt)
-        scratch = np.empty(m, dtype=dt)
+        q0 = np.zeros(m + 4, dtype=dt)
+        zrow = np.zeros(m, dtype=dt)
         # Constants in the array's dtype: a bare 9 would promote float32 math to float64.
         c = np.zeros(6, dtype=dt)
         c[1], c[2], c[3], c[4], c[5] = 1, 2, 9, 60, 118
-        zero, one, c2, c9, c60, c118 = c[0], c[1], c[2], c[3], c[4], c[5]
+        zero, one, c2_, c9, c60, c118 = c[0], c[1], c[2], c[3], c[4], c[5]
         s_acc = 0.0
         a_acc = 0.0
         for i in range(r0, r1):
-            # Rows i-2..i+2, masked outside the matrix (zero padding).
-            m2u = one if i >= 2 else zero
-            m1u = one if i >= 1 else zero
-            m1d = one if i <= n - 2 else zero
-            m2d = one if i <= n - 3 else zero
-            w2u = w[k, max(i - 2, 0)]
-            w1u = w[k, max(i - 1, 0)]
+            # Rows i-2..i+2; a zero row outside the matrix (zero padding).
+            w2u = w[k, i - 2] if i >= 2 else zrow
+            w1u = w[k, i - 1] if i >= 1 else zrow
             wc = w[k, i]
-            w1d = w[k, min(i + 1, n - 1)]
-            w2d = w[k, min(i + 2, n - 1)]
+            w1d = w[k, i + 1] if i <= n - 2 else zrow
+            w2d = w[k, i + 2] if i <= n - 3 else zrow
             ends = (one if i == 0 else zero) + (one if i == n - 1 else zero)
             v1c = c118 - c9 * ends  # V1 centre: 118 inside, 109 on a border row
-            v2c = c2 - ends  # V2 centre: 2 inside, 1 on a border row
+            v2c = c2_ - ends  # V2 centre: 2 inside, 1 on a border row
             acc = zero  # per-row sums in the array's dtype (vectorises), totals in float64
             for j in range(m):
-                a2 = m2u * w2u[j] + m2d * w2d[j]
-                a1 = m1u * w1u[j] + m1d * w1d[j]
+                a2 = w2u[j] + w2d[j]
+                a1 = w1u[j] + w1d[j]
                 x = wc[j]
-                t1[j + 2] = c9 * a2 + c60 * a1 + v1c * x
-                t2[j + 2] = v2c * x - a2
+                u1 = c9 * a2 + c60 * a1 + v1c * x
+                u2 = v2c * x - a2
+                t2[j + 2] = u2
+                q2[j + 2] = c9 * u2 - u1
+                q0[j + 2] = c2_ * u1 + c118 * u2
                 acc += abs(x)
             a_acc += acc
-            pq = p[k, i] if want_p else scratch
-            acc2 = zero
-            for j in range(m):
-                pj = (
-                    c2 * t1[j + 2]
-                    - (t1[j] + t1[j + 4])
-                    + c9 * (t2[j] + t2[j + 4])
-                    + c60 * (t2[j + 1] + t2[j + 3])
-                    + c118 * t2[j + 2]
-                )
-                pq[j] = pj
-                acc2 += wc[j] * pj
-            # Border columns: H1 centre 2 -> 1, H2 centre 118 -> 109.
-            fix = t1[2] + c9 * t2[2]
-            pq[0] -= fix
-            acc2 -= wc[0] * fix
-            fix = t1[m + 1] + c9 * t2[m + 1]
-            pq[m - 1] -= fix
-            acc2 -= wc[m - 1] * fix
-            s_acc += acc2
+            # t1 at the border columns, for their corrections (same expression).
+            t1_first = c9 * (w2u[0] + w2d[0]) + c60 * (w1u[0] + w1d[0]) + v1c * wc[0]
+            e = m - 1
+            t1_last = c9 * (w2u[e] + w2d[e]) + c60 * (w1u[e] + w1d[e]) + v1c * wc[e]
+            p_first = _border_p(q2, t2, q0, 0, m, t1_first)
+            p_last = _border_p(q2, t2, q0, e, m, t1_last)
+            # Inner columns here, the border columns (first, last) after.
+            if grad:
+                oq = out[k, i]
+                for j in range(1, e):
+                    pj = q2[j] + q2[j + 4] + c60 * (t2[j + 1] + t2[j + 3]) + q0[j + 2]
+                    oq[j] = c1 * pj - c2 * np.sign(wc[j])
+                oq[0] = c1 * p_first - c2 * np.sign(wc[0])
+                if m > 1:
+                    oq[e] = c1 * p_last - c2 * np.sign(wc[e])
+            else:
+                acc = zero
+                for j in range(1, e):
+                    pj = q2[j] + q2[j + 4] + c60 * (t2[j + 1] + t2[j + 3]) + q0[j + 2]
+                    acc += wc[j] * pj
+                s_acc += acc + wc[0] * p_first
+                if m > 1:
+                    s_acc += wc[e] * p_last
         return s_acc, a_acc
 
-    @njit(parallel=True, fastmath=True, cache=True)
-    def _forward_kernel(w, p, rows_per_chunk, want_p, h, sums):  # pragma: no cover - compiled
-        """Writes ``h[k] = H_C(w[k])``, ``sums[:, k] = (S_raw, A)`` and, if ``want_p``, ``p``."""
-        kk, n = w.shape[0], w.shape[1]
-        nchunk = (n + rows_per_chunk - 1) // rows_per_chunk
-        s_part = np.zeros(kk * nchunk)
-        a_part = np.zeros(kk * nchunk)
-        for t in prange(kk * nchunk):
-            k = t // nchunk
-            r0 = (t % nchunk) * rows_per_chunk
-            r1 = min(n, r0 + rows_per_chunk)
-            s_part[t], a_part[t] = _forward_rows(w, p, k, r0, r1, want_p)
-        for k in range(kk):
+    @njit(fastmath=True, cache=True)
+    def _finish(s_part, a_part, nchunk, h, sums):  # pragma: no cover - compiled
+        """Per-matrix totals of the chunks' partial sums; ``h[k] = H_C``."""
+        for k in range(h.shape[0]):
             s = 0.0
             a = 0.0
             for t in range(k * nchunk, (k + 1) * nchunk):
@@ -281,87 +292,155 @@ if numba is not None:
             sums[1, k] = a
             h[k] = 0.5 * np.log(0.5 * s / _SCALE + _EPS2) - np.log(a + EPS)
 
+    @njit(fastmath=True, cache=True)
+    def _coefficients(g, sums, k, dt):  # pragma: no cover - compiled
+        """``g / (S_raw + 2 EPS^2 1024)``, ``g / (A + EPS)``: dH/dW = c1 P_raw - c2 sign(W)."""
+        c1 = g[k] / (sums[0, k] + 2 * _SCALE * _EPS2)
+        c2 = g[k] / (sums[1, k] + EPS)
+        return dt.type(c1), dt.type(c2)
+
     @njit(parallel=True, fastmath=True, cache=True)
-    def _backward_kernel(w, p, g, sums, out):  # pragma: no cover - compiled
-        """``out[k] = g[k] * (P / (S + 2 EPS^2) - sign(W) / (A + EPS))``, raw scaling."""
-        kk, n, m = w.shape
-        cs = np.empty(kk, dtype=w.dtype)
-        ca = np.empty(kk, dtype=w.dtype)
+    def _value_parallel(w, rows_per_chunk, h, sums):  # pragma: no cover - compiled
+        """Writes ``h[k] = H_C(w[k])`` and ``sums[:, k] = (S_raw, A)``; chunks of rows."""
+        kk, n = w.shape[0], w.shape[1]
+        nchunk = (n + rows_per_chunk - 1) // rows_per_chunk
+        s_part = np.zeros(kk * nchunk)
+        a_part = np.zeros(kk * nchunk)
+        for t in prange(kk * nchunk):
+            r0 = (t % nchunk) * rows_per_chunk
+            r1 = min(n, r0 + rows_per_chunk)
+            s_part[t], a_part[t] = _rows(w, w, t // nchunk, r0, r1, 0.0, 0.0, False)
+        _finish(s_part, a_part, nchunk, h, sums)
+
+    @njit(fastmath=True, cache=True)
+    def _value_serial(w, rows_per_chunk, h, sums):  # pragma: no cover - compiled
+        """As :func:`_value_parallel`, on the calling thread (one chunk per matrix)."""
+        kk = w.shape[0]
+        s_part = np.zeros(kk)
+        a_part = np.zeros(kk)
         for k in range(kk):
-            cs[k] = g[k] / (sums[0, k] + 2 * _SCALE * _EPS2)
-            ca[k] = g[k] / (sums[1, k] + EPS)
-        for t in prange(kk * n):
-            k = t // n
-            i = t % n
-            c1 = cs[k]
-            c2 = ca[k]
-            wi = w[k, i]
-            pi = p[k, i]
-            oi = out[k, i]
-            for j in range(m):
-                oi[j] = c1 * pi[j] - c2 * np.sign(wi[j])
+            s_part[k], a_part[k] = _rows(w, w, k, 0, w.shape[1], 0.0, 0.0, False)
+        _finish(s_part, a_part, 1, h, sums)
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _grad_parallel(w, rows_per_chunk, g, sums, out):  # pragma: no cover - compiled
+        """``out[k] = g[k] * dH_C/dW`` from the forward's ``sums``; chunks of rows."""
+        kk, n = w.shape[0], w.shape[1]
+        nchunk = (n + rows_per_chunk - 1) // rows_per_chunk
+        for t in prange(kk * nchunk):
+            k = t // nchunk
+            r0 = (t % nchunk) * rows_per_chunk
+            c1, c2 = _coefficients(g, sums, k, w.dtype)
+            _rows(w, out, k, r0, min(n, r0 + rows_per_chunk), c1, c2, True)
+
+    @njit(fastmath=True, cache=True)
+    def _grad_serial(w, rows_per_chunk, g, sums, out):  # pragma: no cover - compiled
+        """As :func:`_grad_parallel`, on the calling thread."""
+        for k in range(w.shape[0]):
+            c1, c2 = _coefficients(g, sums, k, w.dtype)
+            _rows(w, out, k, 0, w.shape[1], c1, c2, True)
 
 
-def _rows_per_chunk(kk: int, n: int) -> int:
+PARALLEL_MIN_NUMEL = int(os.environ.get("SPARSEBENCH_ENTROPY_PARALLEL_MIN", "50000"))
+"""Stacks with fewer elements (or a single thread) run the serial kernels."""
+
+
+def _rows_per_chunk(kk: int, n: int, threads: int) -> int:
     # Enough work items to keep every thread busy.
-    threads = numba.get_num_threads()
     per_matrix = max(1, -(-2 * threads // kk))
     return max(8, -(-n // per_matrix))
 
 
-def _sync_threads() -> None:
-    # Use no more threads than torch does (e.g. one per Snakemake job).
-    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != want:
+_thread_counts: dict[int, int] = {}
+
+
+def _threads() -> int:
+    """Threads for the parallel kernels: exactly as many as torch uses, or 1 (serial).
+
+    numba's OpenMP layer shares torch's libgomp here, and numba's parallel launch
+    sets the calling thread's OpenMP thread count (which torch reads back as its
+    own): so numba runs with torch's count or not at all in parallel, and torch's
+    setting (e.g. one thread per Snakemake job) is left as it was. numba's count
+    is per calling thread; it is set again only when torch's changes
+    (``numba.get_num_threads`` costs more than the kernel of a small matrix).
+    """
+    want = torch.get_num_threads()
+    if want > numba.config.NUMBA_NUM_THREADS:
+        return 1
+    ident = threading.get_ident()
+    if _thread_counts.get(ident) != want:
         numba.set_num_threads(want)
+        _thread_counts[ident] = want
+    return want
 
 
-def _numba_forward(w: Tensor, want_p: bool) -> tuple[Tensor, Tensor, np.ndarray]:
-    """(H, P_raw, sums (S_raw, A) as a float64 (2, K) array) for contiguous CPU ``w``."""
-    _sync_threads()
-    kk = w.shape[0]
-    p = torch.empty_like(w) if want_p else w  # not written when not wanted
-    h = torch.empty(kk, dtype=w.dtype)
+def _numba_value(wn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(H, sums (S_raw, A) as a float64 (2, K) array) of a C-contiguous array."""
+    threads = _threads()
+    kk = wn.shape[0]
+    h = np.empty(kk, dtype=wn.dtype)
     sums = np.empty((2, kk))
-    wn = w.numpy()
-    _forward_kernel(wn, p.numpy(), _rows_per_chunk(kk, w.shape[1]), want_p, h.numpy(), sums)
-    return h, p, sums
+    kernel = _value_parallel if _parallel(wn, threads) else _value_serial
+    kernel(wn, _rows_per_chunk(kk, wn.shape[1], threads), h, sums)
+    return h, sums
+
+
+def _parallel(wn: np.ndarray, threads: int) -> bool:
+    return threads > 1 and wn.size >= PARALLEL_MIN_NUMEL
+
+
+def _as_array(w: Tensor) -> np.ndarray:
+    w = w.detach()
+    return (w if w.is_contiguous() else w.contiguous()).numpy()
 
 
 class _FusedEntropy(torch.autograd.Function):
+    # The forward computes H (S and A); the backward recomputes P row by row from
+    # W and writes the gradient directly, so no (K, out, in) buffer lives between
+    # the two. Plain numpy arrays (views of torch memory) travel on ctx: fewer
+    # conversions per call, which matter at LeNet300 sizes. Saving ``w`` itself
+    # keeps autograd's check that it was not modified in place before backward.
     @staticmethod
     def forward(ctx, w: Tensor) -> Tensor:
-        h, p, sums = _numba_forward(w.detach().contiguous(), want_p=True)
-        ctx.save_for_backward(w, p)
-        ctx.sums = sums
-        return h
+        wn = _as_array(w)
+        h, sums = _numba_value(wn)
+        ctx.save_for_backward(w)
+        ctx.arrays = wn, sums
+        return torch.from_numpy(h)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> Tensor:
-        w, p = ctx.saved_tensors
-        wc = w.detach().contiguous()
-        out = torch.empty_like(wc)
-        _sync_threads()
-        g = grad.detach().to(torch.float64).contiguous().numpy()
-        _backward_kernel(wc.numpy(), p.numpy(), g, ctx.sums, out.numpy())
-        return out
+        ctx.saved_tensors  # noqa: B018 - raises if w was modified in place
+        wn, sums = ctx.arrays
+        out = np.empty_like(wn)
+        threads = _threads()
+        kernel = _grad_parallel if _parallel(wn, threads) else _grad_serial
+        kernel(wn, _rows_per_chunk(*wn.shape[:2], threads), _as_array(grad), sums, out)
+        return torch.from_numpy(out)
 
 
 _compiled: set[torch.dtype] = set()
 
 
 def _warm_up(dtype: torch.dtype) -> None:
-    """Compile (or load from numba's cache) both kernels for ``dtype`` on a tiny matrix.
+    """Compile (or load from numba's cache) every kernel for ``dtype`` on a tiny matrix.
 
     Done once per dtype, inside the caller's try, so that a JIT that cannot work
     here fails before training starts rather than in a backward pass.
     """
-    with torch.enable_grad():
-        w = torch.linspace(-1, 1, 12, dtype=dtype).view(1, 3, 4).requires_grad_()
-        (g,) = torch.autograd.grad(_FusedEntropy.apply(w).sum(), w)
-    if not bool(torch.isfinite(g).all()):
-        raise RuntimeError("numba kernel produced a non-finite gradient on a test matrix")
+    w = torch.linspace(-1, 1, 12, dtype=dtype).view(1, 3, 4).numpy()
+    out, h, sums = np.empty_like(w), np.empty(1, w.dtype), np.empty((2, 1))
+    torch_threads = torch.get_num_threads()
+    _threads()
+    try:
+        for value, grad in ((_value_serial, _grad_serial), (_value_parallel, _grad_parallel)):
+            value(w, 2, h, sums)
+            grad(w, 2, np.ones(1, w.dtype), sums, out)
+            if not (np.isfinite(h).all() and np.isfinite(out).all()):
+                raise RuntimeError("numba kernels gave non-finite values on a test matrix")
+    finally:
+        torch.set_num_threads(torch_threads)  # whatever numba's launch did to OpenMP
     _compiled.add(dtype)
 
 
@@ -376,7 +455,7 @@ def _fused(w: Tensor) -> Tensor:
         _warm_up(w.dtype)
     if torch.is_grad_enabled() and w.requires_grad:
         return _FusedEntropy.apply(w)
-    return _numba_forward(w.detach().contiguous(), want_p=False)[0]
+    return torch.from_numpy(_numba_value(_as_array(w))[0])
 
 
 def configuration_entropy(weight: Tensor) -> Tensor:
