@@ -133,6 +133,23 @@ def test_parallel_and_serial_paths_equal_reference(monkeypatch, min_numel):
     torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5 * g_ref.abs().max().item())
 
 
+@pytest.mark.skipif(ce.numba is None, reason="numba not installed")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_torch_thread_count_is_left_alone(monkeypatch, threads):
+    """numba's parallel launch sets OpenMP's thread count; torch's must survive it."""
+    monkeypatch.setattr(ce, "BACKEND", "numba")
+    monkeypatch.setattr(ce, "PARALLEL_MIN_NUMEL", 0)
+    monkeypatch.setattr(ce, "_compiled", set())  # the warm-up launches too
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        w = _rand((2, 30, 20), dtype=torch.float32).requires_grad_()
+        torch.autograd.grad(ce.configuration_entropy(w).sum(), w)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_value_without_grad_and_2d_input(backend):
     w = _rand((2, 6, 9))
     with torch.no_grad():

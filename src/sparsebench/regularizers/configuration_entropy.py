@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import warnings
 
 import numpy as np
@@ -351,42 +350,39 @@ def _rows_per_chunk(kk: int, n: int, threads: int) -> int:
     return max(8, -(-n // per_matrix))
 
 
-_thread_counts: dict[int, int] = {}
-
-
 def _threads() -> int:
-    """Threads for the parallel kernels: exactly as many as torch uses, or 1 (serial).
+    """Threads for the kernels: exactly as many as torch uses, or 1 (the serial kernels).
 
     numba's OpenMP layer shares torch's libgomp here, and numba's parallel launch
-    sets the calling thread's OpenMP thread count (which torch reads back as its
-    own): so numba runs with torch's count or not at all in parallel, and torch's
-    setting (e.g. one thread per Snakemake job) is left as it was. numba's count
-    is per calling thread; it is set again only when torch's changes
-    (``numba.get_num_threads`` costs more than the kernel of a small matrix).
+    sets the calling thread's OpenMP thread count, which torch reads back as its
+    own: so the parallel kernels run with torch's count or not at all, and
+    torch's setting (e.g. one thread per Snakemake job) is left as it was.
+    numba's count is per calling thread and others may change it: checked
+    before every parallel launch (a microsecond, against a kernel of 100+).
     """
     want = torch.get_num_threads()
-    if want > numba.config.NUMBA_NUM_THREADS:
+    if want == 1 or want > numba.config.NUMBA_NUM_THREADS:
         return 1
-    ident = threading.get_ident()
-    if _thread_counts.get(ident) != want:
+    if numba.get_num_threads() != want:
         numba.set_num_threads(want)
-        _thread_counts[ident] = want
     return want
 
 
 def _numba_value(wn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(H, sums (S_raw, A) as a float64 (2, K) array) of a C-contiguous array."""
-    threads = _threads()
-    kk = wn.shape[0]
-    h = np.empty(kk, dtype=wn.dtype)
-    sums = np.empty((2, kk))
-    kernel = _value_parallel if _parallel(wn, threads) else _value_serial
-    kernel(wn, _rows_per_chunk(kk, wn.shape[1], threads), h, sums)
+    parallel, rows_per_chunk = _plan(wn)
+    h = np.empty(wn.shape[0], dtype=wn.dtype)
+    sums = np.empty((2, wn.shape[0]))
+    (_value_parallel if parallel else _value_serial)(wn, rows_per_chunk, h, sums)
     return h, sums
 
 
-def _parallel(wn: np.ndarray, threads: int) -> bool:
-    return threads > 1 and wn.size >= PARALLEL_MIN_NUMEL
+def _plan(wn: np.ndarray) -> tuple[bool, int]:
+    """(parallel?, rows per chunk) for the stack ``wn``."""
+    if wn.size < PARALLEL_MIN_NUMEL:
+        return False, wn.shape[1]
+    threads = _threads()
+    return threads > 1, _rows_per_chunk(wn.shape[0], wn.shape[1], threads)
 
 
 def _as_array(w: Tensor) -> np.ndarray:
@@ -414,9 +410,10 @@ class _FusedEntropy(torch.autograd.Function):
         ctx.saved_tensors  # noqa: B018 - raises if w was modified in place
         wn, sums = ctx.arrays
         out = np.empty_like(wn)
-        threads = _threads()
-        kernel = _grad_parallel if _parallel(wn, threads) else _grad_serial
-        kernel(wn, _rows_per_chunk(*wn.shape[:2], threads), _as_array(grad), sums, out)
+        parallel, rows_per_chunk = _plan(wn)
+        (_grad_parallel if parallel else _grad_serial)(
+            wn, rows_per_chunk, _as_array(grad), sums, out
+        )
         return torch.from_numpy(out)
 
 
