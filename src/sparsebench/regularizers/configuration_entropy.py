@@ -417,28 +417,29 @@ class _FusedEntropy(torch.autograd.Function):
         return torch.from_numpy(out)
 
 
-_compiled: set[torch.dtype] = set()
+_compiled: set[tuple[torch.dtype, bool]] = set()
 
 
-def _warm_up(dtype: torch.dtype) -> None:
-    """Compile (or load from numba's cache) every kernel for ``dtype`` on a tiny matrix.
+def _warm_up(dtype: torch.dtype, parallel: bool) -> None:
+    """Compile (or load from numba's cache) the serial or parallel kernels for ``dtype``.
 
-    Done once per dtype, inside the caller's try, so that a JIT that cannot work
-    here fails before training starts rather than in a backward pass.
+    Done once per (dtype, kind), on a tiny matrix, inside the caller's try, so
+    that a JIT that cannot work here fails in the forward (and falls back)
+    rather than in a backward pass. The parallel kernels (the slower ones to
+    compile) only when torch runs more than one thread.
     """
     w = torch.linspace(-1, 1, 12, dtype=dtype).view(1, 3, 4).numpy()
     out, h, sums = np.empty_like(w), np.empty(1, w.dtype), np.empty((2, 1))
+    value, grad = (_value_parallel, _grad_parallel) if parallel else (_value_serial, _grad_serial)
     torch_threads = torch.get_num_threads()
-    _threads()
     try:
-        for value, grad in ((_value_serial, _grad_serial), (_value_parallel, _grad_parallel)):
-            value(w, 2, h, sums)
-            grad(w, 2, np.ones(1, w.dtype), sums, out)
-            if not (np.isfinite(h).all() and np.isfinite(out).all()):
-                raise RuntimeError("numba kernels gave non-finite values on a test matrix")
+        value(w, 2, h, sums)
+        grad(w, 2, np.ones(1, w.dtype), sums, out)
     finally:
         torch.set_num_threads(torch_threads)  # whatever numba's launch did to OpenMP
-    _compiled.add(dtype)
+    if not (np.isfinite(h).all() and np.isfinite(out).all()):
+        raise RuntimeError("numba kernels gave non-finite values on a test matrix")
+    _compiled.add((dtype, parallel))
 
 
 def _numba_usable(w: Tensor) -> bool:
@@ -448,8 +449,10 @@ def _numba_usable(w: Tensor) -> bool:
 
 
 def _fused(w: Tensor) -> Tensor:
-    if w.dtype not in _compiled:
-        _warm_up(w.dtype)
+    if (w.dtype, False) not in _compiled:
+        _warm_up(w.dtype, parallel=False)
+    if torch.get_num_threads() > 1 and (w.dtype, True) not in _compiled:
+        _warm_up(w.dtype, parallel=True)
     if torch.is_grad_enabled() and w.requires_grad:
         return _FusedEntropy.apply(w)
     return torch.from_numpy(_numba_value(_as_array(w))[0])
