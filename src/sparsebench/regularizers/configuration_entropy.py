@@ -66,7 +66,6 @@ float32 or float64 as given:
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 
@@ -77,8 +76,6 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from sparsebench.regularizers.base import Regularizer, register
-
-log = logging.getLogger(__name__)
 
 EPS = 1e-18
 """Guard inside both logs: ``log(0.5 S + EPS**2)`` and ``log(A + EPS)``."""
@@ -461,8 +458,11 @@ def _fused(w: Tensor) -> Tensor:
 def configuration_entropy(weight: Tensor) -> Tensor:
     """``H_C`` per matrix, fast, with the closed-form gradient; ``(K, out, in) -> (K,)``.
 
-    Fused numba kernels on CPU float32/float64, else (CUDA, other dtypes, no
-    numba, ``BACKEND == "eager"``) the eager separable closed form.
+    A single ``(out, in)`` matrix gives a 0-d tensor. Fused numba kernels on CPU
+    float32/float64, else (CUDA, other dtypes, no numba, ``BACKEND == "eager"``)
+    the eager separable closed form. If the numba kernels fail to compile or run
+    here, a ``RuntimeWarning`` is issued once and the eager form is used from
+    then on (with ``BACKEND == "numba"`` the error is raised instead).
     """
     global _numba_broken
     w, squeeze = _as_batch(weight)
