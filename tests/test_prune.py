@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sparsebench import prune
 from sparsebench.data import Split
 from sparsebench.models import StackedMLP, build_model
 from sparsebench.prune import (
@@ -97,15 +98,20 @@ def test_sensitivity_is_weight_times_gradient_of_plain_cross_entropy() -> None:
     train = random_split(64, 784, 10, 3)
     scores = sensitivity_scores(model, train, batch_size=20)  # several batches
     reference = torch.nn.Sequential(
-        torch.nn.Linear(784, 300), torch.nn.ReLU(), torch.nn.Linear(300, 100), torch.nn.ReLU(),
+        torch.nn.Linear(784, 300),
+        torch.nn.ReLU(),
+        torch.nn.Linear(300, 100),
+        torch.nn.ReLU(),
         torch.nn.Linear(100, 10),
     )
     reference.load_state_dict(
         {
             f"{i}.{kind}": tensor
             for i, (name) in zip((0, 2, 4), ("fc1", "fc2", "fc3"))
-            for kind, tensor in (("weight", model.layers[name].weight[0]),
-                                 ("bias", model.layers[name].bias[0]))
+            for kind, tensor in (
+                ("weight", model.layers[name].weight[0]),
+                ("bias", model.layers[name].bias[0]),
+            )
         }
     )
     F.cross_entropy(reference(train.images), train.labels).backward()
@@ -135,3 +141,117 @@ def test_sweep_has_one_block_per_criterion_and_rejects_unknown() -> None:
     assert frame["criterion"].tolist() == ["magnitude"] * 3 + ["random"] * 3
     with pytest.raises(ValueError, match="unknown pruning criterion 'taylor'"):
         sweep(model, ["taylor"], [0.0], data, data, seed=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The fast sweep: numba path (certified lazy refresh) and torch path against the reference.
+
+
+def clustered_split(n: int, features: int, classes: int, seed: int) -> Split:
+    """Gaussian clusters, one per class: data a small network learns with clear margins."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = 2.0 * torch.randn(classes, features, generator=torch.Generator().manual_seed(99))
+    labels = torch.randint(0, classes, (n,), generator=generator)
+    images = centres[labels] + torch.randn(n, features, generator=generator)
+    return Split(images, labels)
+
+
+def trained_mlp(layer_sizes: tuple[int, ...], seed: int, steps: int = 150) -> StackedMLP:
+    """A small StackedMLP fitted (full batch, Adam) to :func:`clustered_split` data."""
+    model = StackedMLP(layer_sizes, num_networks=1)
+    model.initialise([seed])
+    data = clustered_split(400, layer_sizes[0], layer_sizes[-1], seed + 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(model(data.images)[0], data.labels).backward()
+        optimizer.step()
+    return model
+
+
+def assert_same_sweep(fast, reference, n: int, samples: int = 1) -> None:
+    """Same rows and kept counts; accuracies within ``samples`` test samples (float ties)."""
+    assert list(fast.columns) == list(reference.columns)
+    kept = [c for c in reference.columns if c.startswith("kept")]
+    assert fast[kept].equals(reference[kept])
+    assert fast["percentile"].tolist() == reference["percentile"].tolist()
+    assert (fast["test_accuracy"] - reference["test_accuracy"]).abs().max() <= 100.0 * samples / n
+
+
+numba_only = pytest.mark.skipif(prune.numba is None, reason="numba is not installed")
+
+
+@pytest.mark.parametrize("layer_sizes", [(12, 9), (20, 16, 6), (20, 16, 12, 8, 5)])
+@pytest.mark.parametrize("criterion", ["sensitivity", "magnitude", "random"])
+def test_fast_sweep_equals_reference_on_trained_networks(layer_sizes, criterion) -> None:
+    model = trained_mlp(layer_sizes, seed=3)
+    test = clustered_split(700, layer_sizes[0], layer_sizes[-1], seed=11)
+    scores = criterion_scores(criterion, model, test, seed=3)
+    percentiles = [round(i * 0.5, 6) for i in range(201)]
+    fast = sweep_fast(model, scores, percentiles, test)
+    assert_same_sweep(fast, sweep_reference(model, scores, percentiles, test), len(test))
+
+
+@numba_only
+@pytest.mark.parametrize("together", [1, 10**9])  # always / never refresh a chunk at once
+def test_numba_sweep_over_chunks_equals_the_torch_path(monkeypatch, together) -> None:
+    model = trained_mlp((20, 16, 12, 6), seed=5)
+    test = clustered_split(900, 20, 6, seed=12)
+    scores = criterion_scores("sensitivity", model, test, seed=5)
+    names = list(model.weight_matrices())
+    weights = [model.layers[n].weight[0].detach() for n in names]
+    biases = [model.layers[n].bias[0].detach() for n in names]
+    order = prune.pruning_order(scores)
+    removed = removal_counts(sum(w.numel() for w in weights), [i * 0.25 for i in range(401)])
+    monkeypatch.setattr(prune, "_SWEEP_CHUNK", 128)  # 8 chunks, the last one padded
+    monkeypatch.setattr(prune, "_SWEEP_TOGETHER", together)
+    stats: dict = {}
+    fast = prune._sweep_hits_numba(weights, biases, order, removed, test, stats)
+    slow = prune._sweep_hits_torch(weights, biases, order, removed, test)
+    assert (abs(fast - slow) <= 1).all()  # at most one float tie per step
+    assert (fast != slow).sum() <= 4
+    # The bound did its job: most predictions were certified, not recomputed ...
+    assert stats["refreshed"].sum() < 0.5 * len(test) * len(removed)
+    # ... and the untouched network is exactly the model.
+    assert fast[0] == int((model(test.images)[0].argmax(-1) == test.labels).sum())
+
+
+@numba_only
+def test_sweep_fast_takes_the_numba_path_on_cpu_float32(monkeypatch) -> None:
+    def no_torch(*args, **kwargs):
+        raise AssertionError("the torch path ran")
+
+    monkeypatch.setattr(prune, "_sweep_hits_torch", no_torch)
+    model = trained_mlp((12, 10, 4), seed=1)
+    test = clustered_split(50, 12, 4, seed=2)
+    frame = sweep_fast(model, criterion_scores("magnitude", model, test, seed=0), [0.0, 50.0], test)
+    assert len(frame) == 2
+
+
+def test_torch_path_serves_float64_single_layers_and_any_percentile_order(monkeypatch) -> None:
+    # float64 and a one-layer network never reach numba; neither path cares about the order.
+    called = []
+    monkeypatch.setattr(prune, "_sweep_hits_numba", lambda *args: called.append(args))
+    model = trained_mlp((12, 10, 4), seed=2).double()
+    test = clustered_split(300, 12, 4, seed=4)
+    test = Split(test.images.double(), test.labels)
+    scores = criterion_scores("sensitivity", model, test, seed=0)
+    percentiles = [70.0, 0.0, 100.0, 35.5, 35.5, 99.9, 12.0]
+    fast = sweep_fast(model, scores, percentiles, test)
+    assert_same_sweep(fast, sweep_reference(model, scores, percentiles, test), len(test))
+    single = trained_mlp((12, 4), seed=6)
+    scores = criterion_scores("magnitude", single, test, seed=0)
+    test32 = Split(test.images.float(), test.labels)
+    fast = sweep_fast(single, scores, percentiles, test32)
+    assert_same_sweep(fast, sweep_reference(single, scores, percentiles, test32), len(test))
+    assert not called
+
+
+@numba_only
+def test_numba_path_takes_any_percentile_order() -> None:
+    model = trained_mlp((20, 16, 6), seed=8)
+    test = clustered_split(300, 20, 6, seed=9)
+    scores = criterion_scores("random", model, test, seed=1)
+    percentiles = [100.0, 50.0, 0.0, 75.25, 75.25, 10.0, 99.5]
+    fast = sweep_fast(model, scores, percentiles, test)
+    assert_same_sweep(fast, sweep_reference(model, scores, percentiles, test), len(test))

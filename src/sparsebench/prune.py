@@ -11,16 +11,19 @@ Criteria: ``sensitivity`` |w dL/dw| with L the plain cross-entropy over the
 training set (the paper's), ``magnitude`` |w| and ``random`` (baselines).
 
 Two implementations give the same sweep: :func:`sweep_reference` evaluates each
-pruned network from scratch; :func:`sweep_fast` walks the percentiles in order and
+pruned network from scratch; :func:`sweep_fast` walks the percentiles in order,
 updates the first layer's pre-activations incrementally as its weights drop out
-(it holds most of the weights), recomputing only the small layers above it.
+(it holds most of the weights) and re-evaluates the layers above it only for the
+samples whose prediction a cheap bound cannot certify (see "The fast sweep" below).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -133,42 +136,909 @@ def sweep_reference(
     return pd.DataFrame(rows)
 
 
+# --------------------------------------------------------------------------------------------
+# The fast sweep.
+#
+# The percentiles are walked in order ("steps"); at each step some weights drop out.
+#
+# First layer (most of the weights): its pre-activations z1 (units x samples) are updated in
+# place, ``z1[i] -= w_ij * x[j]`` for every dropped weight (i, j).
+#
+# The layers above (the "head") are not re-evaluated at every step. Each sample keeps a
+# reference first-layer output ``ref`` (its relu(z1) at its last refresh), the first head
+# layer's pre-activations ``z2`` computed exactly from ``ref`` with the current weights (its
+# drops are applied at once, ``z2[r] -= w_ri * ref[i]``), and a snapshot of the layers above
+# (the logits) from its last refresh, to which output-layer drops are applied exactly. The true
+# logits differ from the stored ones by at most, for any two classes t and c,
+#
+#     |d(logit_t - logit_c)| <= sum_i v_i |relu(z1_i) - ref_i|  +  sum_drops coef * |w| * input
+#
+# (relu is 1-Lipschitz; ``v_i = max_{t,c} (|W_L[t] - W_L[c]| |W_{L-1}| ... |W_2|)_i`` from the
+# head weights at the start of each block of steps, valid for the sparser heads that follow;
+# the second sum covers the hidden-layer drops since the refresh, with coefficients from the
+# unpruned weights). Each sample carries this "slack", updated as rows of z1 and head weights
+# change. While it stays below the lead of the predicted class over the runner-up, the stored
+# prediction is certainly the pruned network's; otherwise the sample is refreshed: ``z2`` gets
+# ``W2[:, i] (relu(z1_i) - ref_i)`` for the units that moved since its last refresh (lazy and
+# sparse), the layers above are recomputed, ``ref`` takes the current values. When many samples
+# of a chunk need it (low margins, high sparsity), the whole chunk is refreshed together in row
+# passes. Predictions are thus those of the pruned network at every percentile, up to float
+# rounding (near ties, within a relative 2e-5, are always refreshed).
+#
+# The CPU path is numba (chunks of samples in parallel, each chunk walking all the steps);
+# without numba, on other devices and for other dtypes, a torch path updates z1 incrementally
+# and re-evaluates the head at every step.
+
+try:
+    import numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - numba is a dependency; keep the fallback honest
+    numba = None
+
+_SWEEP_CHUNK = 512  # samples per chunk (the parallel unit)
+_SWEEP_BLOCK = 16  # steps per block: the bound v is recomputed per block
+_SWEEP_TOGETHER = _SWEEP_CHUNK // 8  # from this many refreshes in a chunk, refresh it all
+_numba_sweep_broken = False
+
+
+def _sweep_schedule(
+    weights: Sequence[Tensor], order: Tensor, removed: Sequence[int]
+) -> dict[str, np.ndarray]:
+    """The drops of each step, as flat numpy arrays (CSR-like, by step)."""
+    sizes = np.array([w.numel() for w in weights], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    steps = len(removed)
+    order_np = order.cpu().numpy()
+    removed_np = np.asarray(removed, dtype=np.int64)
+    # drop_step[k] = the first step whose removal count exceeds the rank of weight k
+    drop_step = np.full(len(order_np), steps, dtype=np.int64)
+    drop_step[order_np] = np.searchsorted(removed_np, np.arange(len(order_np)), side="right")
+    flat = order_np[drop_step[order_np] < steps]
+    step = drop_step[flat]
+    layer = np.searchsorted(starts, flat, side="right") - 1
+    local = flat - starts[layer]
+    # First layer: by step, then row; one group per (step, row).
+    first = layer == 0
+    key = step[first] * sizes[0] + local[first]
+    srt = np.argsort(key, kind="stable")
+    s1, l1 = step[first][srt], local[first][srt]
+    fan_in = weights[0].shape[1]
+    r1, c1 = l1 // fan_in, l1 % fan_in
+    new_group = np.ones(len(s1), dtype=bool)
+    new_group[1:] = (s1[1:] != s1[:-1]) | (r1[1:] != r1[:-1])
+    groups = np.flatnonzero(new_group)
+    # Head layers: by step, then layer, then position.
+    hl, hloc, hs = layer[~first] - 1, local[~first], step[~first]
+    srt = np.lexsort((hloc, hl, hs))
+    hl, hloc, hs = hl[srt], hloc[srt], hs[srt]
+    fins = np.array([w.shape[1] for w in weights[1:]], dtype=np.int64)
+    h_row = hloc // fins[hl] if len(hl) else hloc
+    h_col = hloc % fins[hl] if len(hl) else hloc
+    every = np.arange(steps + 1)
+    return {
+        "drop_step": drop_step,
+        "starts": starts,
+        "g_ptr": np.searchsorted(s1[groups], every, side="left").astype(np.int64),
+        "g_row": r1[groups].astype(np.int64),
+        "g_start": np.append(groups, len(s1)).astype(np.int64),
+        "d_col": c1.astype(np.int64),
+        "d_val": weights[0].cpu().numpy()[r1, c1].astype(np.float32),
+        "h_ptr": np.searchsorted(hs, every, side="left").astype(np.int64),
+        "h_layer": hl.astype(np.int64),
+        "h_row": h_row.astype(np.int64),
+        "h_col": h_col.astype(np.int64),
+    }
+
+
+def _head_bounds(
+    head: Sequence[Tensor], drop_step: np.ndarray, starts: np.ndarray, steps: int, block: int
+) -> np.ndarray:
+    """Per block of steps and first-layer unit i, a v_i valid at every step of the block.
+
+    ``v_i = max_{t,c} sum_k |W_L[t,k] - W_L[c,k]| (|W_{L-1}| ... |W_2|)[k, i]`` with the
+    head weights at the block's start. Zeroing weights only shrinks the product of absolute
+    values; an output weight dropping inside the block can grow a difference, so for those
+    entries |a - b| is replaced by |a| + |b|.
+    """
+    begins = list(range(0, steps, block))
+    out = np.empty((len(begins), head[0].shape[1]), dtype=np.float32)
+    stamps = [
+        torch.from_numpy(drop_step[starts[k + 1] : starts[k + 2]]).view(w.shape)
+        for k, w in enumerate(head)
+    ]
+    dense = [w.detach().cpu().double() for w in head]
+    for e, begin in enumerate(begins):
+        end = min(begin + block, steps)
+        masked = [w * (s >= begin) for w, s in zip(dense, stamps)]
+        chain = None
+        for w in masked[:-1]:
+            chain = w.abs() if chain is None else w.abs() @ chain
+        last = masked[-1]
+        diff = (last[:, None, :] - last[None, :, :]).abs()
+        moving = (stamps[-1] >= begin) & (stamps[-1] < end)
+        either = moving[:, None, :] | moving[None, :, :]
+        diff = torch.where(either, last.abs()[:, None, :] + last.abs()[None, :, :], diff)
+        pairs = diff.flatten(0, 1)
+        v = (pairs if chain is None else pairs @ chain).amax(0)
+        out[e] = (v * (1.0 + 1e-5)).numpy()
+    return out
+
+
+if numba is not None:
+    # Kernels index 2-D arrays directly (no row views passed around: a view costs two
+    # atomic reference-count updates, more than a 128-sample row pass).
+    _FM = {"contract"}
+    _FM_DOT = {"contract", "reassoc"}  # lets the dot products of the refresh vectorise
+
+    @njit(cache=True, fastmath=_FM)
+    def _nb_slack(z1, ref, v, slack):  # pragma: no cover - compiled
+        """slack[n] = sum_i v[i] |relu(z1[i, n]) - ref[i, n]|, from scratch."""
+        zero = np.float32(0.0)
+        columns = slack.size
+        for n in range(columns):
+            slack[n] = zero
+        for i in range(z1.shape[0]):
+            vi = v[i]
+            if vi == zero:
+                continue
+            for n in range(columns):
+                a = z1[i, n]
+                a = a if a > zero else zero
+                slack[n] += vi * abs(a - ref[i, n])
+
+    @njit(cache=True, fastmath=_FM)
+    def _nb_row_pass(z1, ref, slack, i, vi, x, ja, wa, jb, wb, jc, wc, mode):  # pragma: no cover
+        """``z1[i] -= wa x[ja] + wb x[jb] + wc x[jc]``; mode 1 | 2 also takes the old value's
+        ``vi |relu(z1[i]) - ref[i]|`` off the slack | puts the new one on (3: both)."""
+        zero = np.float32(0.0)
+        columns = slack.size
+        if mode == 0:
+            for n in range(columns):
+                z1[i, n] -= wa * x[ja, n] + wb * x[jb, n] + wc * x[jc, n]
+        elif mode == 3:
+            for n in range(columns):
+                old = z1[i, n]
+                new = old - (wa * x[ja, n] + wb * x[jb, n] + wc * x[jc, n])
+                z1[i, n] = new
+                old = old if old > zero else zero
+                new = new if new > zero else zero
+                slack[n] += vi * (abs(new - ref[i, n]) - abs(old - ref[i, n]))
+        elif mode == 1:
+            for n in range(columns):
+                old = z1[i, n]
+                z1[i, n] = old - (wa * x[ja, n] + wb * x[jb, n] + wc * x[jc, n])
+                old = old if old > zero else zero
+                slack[n] -= vi * abs(old - ref[i, n])
+        else:
+            for n in range(columns):
+                new = z1[i, n] - (wa * x[ja, n] + wb * x[jb, n] + wc * x[jc, n])
+                z1[i, n] = new
+                new = new if new > zero else zero
+                slack[n] += vi * abs(new - ref[i, n])
+
+    @njit(cache=True)
+    def _nb_first_layer(
+        s, x, z1, ref, v, slack, lastchg, g_ptr, g_row, g_start, d_col, d_val
+    ):  # pragma: no cover - compiled
+        """Step ``s``'s first-layer drops, a row (unit) at a time, up to three drops a pass,
+        keeping every sample's slack current."""
+        zero = np.float32(0.0)
+        for g in range(g_ptr[s], g_ptr[s + 1]):
+            i = g_row[g]
+            lastchg[i] = s
+            first, end = g_start[g], g_start[g + 1]
+            vi = v[i]
+            d = first
+            while d < end:
+                take = min(3, end - d)
+                ja, wa = d_col[d], d_val[d]
+                jb, wb, jc, wc = ja, zero, ja, zero  # padding: the same row, weight zero
+                if take > 1:
+                    jb, wb = d_col[d + 1], d_val[d + 1]
+                if take > 2:
+                    jc, wc = d_col[d + 2], d_val[d + 2]
+                mode = 0
+                if vi != zero:
+                    mode = (1 if d == first else 0) + (2 if d + take == end else 0)
+                _nb_row_pass(z1, ref, slack, i, vi, x, ja, wa, jb, wb, jc, wc, mode)
+                d += take
+
+    @njit(cache=True, fastmath=_FM)
+    def _nb_head_drops(
+        s,
+        ref,
+        z2,
+        hz,
+        slack,
+        w2t,
+        wr,
+        w_off,
+        dims,
+        z_off,
+        h_ptr,
+        h_layer,
+        h_row,
+        h_col,
+        h_val,
+        h_coef,
+    ):  # pragma: no cover - compiled
+        """Step ``s``'s head drops. The first head layer's pre-activations ``z2`` stay exact
+        (at ``ref``); the output layer's drops are applied exactly to the stored logits (at
+        the activations of each sample's last refresh); every other effect goes into the
+        slack. Returns whether the stored logits changed."""
+        zero = np.float32(0.0)
+        columns = slack.size
+        heads = dims.size - 1
+        changed = False
+        for d in range(h_ptr[s], h_ptr[s + 1]):
+            h = h_layer[d]
+            r = h_row[d]
+            i = h_col[d]
+            if h == 0:
+                w2t[i, r] = zero
+            wr[w_off[h] + r * dims[h] + i] = zero
+            w = h_val[d]
+            c = h_coef[d]
+            if w == zero:
+                continue
+            if h == 0:
+                if heads == 1:
+                    changed = True
+                    for n in range(columns):
+                        z2[r, n] -= w * ref[i, n]
+                else:
+                    for n in range(columns):
+                        a = ref[i, n]
+                        z2[r, n] -= w * a
+                        slack[n] += c * a
+            else:
+                src = z_off[h - 1] + i
+                if h == heads - 1:
+                    changed = True
+                    dst = z_off[h] + r
+                    for n in range(columns):
+                        a = hz[src, n]
+                        hz[dst, n] -= w * (a if a > zero else zero)
+                else:
+                    for n in range(columns):
+                        a = hz[src, n]
+                        slack[n] += c * (a if a > zero else zero)
+        return changed
+
+    @njit(cache=True)
+    def _nb_margins(logits, lo, classes, nvalid, top, margin, tol):  # pragma: no cover
+        """Per sample: the predicted class (first maximum), its lead, a float tolerance."""
+        best = np.empty(nvalid, dtype=np.float32)
+        second = np.full(nvalid, -np.inf, dtype=np.float32)
+        for n in range(nvalid):
+            best[n] = logits[lo, n]
+            top[n] = 0
+        for c in range(1, classes):
+            for n in range(nvalid):
+                a = logits[lo + c, n]
+                if a > best[n]:
+                    second[n] = best[n]
+                    best[n] = a
+                    top[n] = c
+                elif a > second[n]:
+                    second[n] = a
+        for n in range(nvalid):
+            margin[n] = best[n] - second[n]
+            tol[n] = np.float32(2e-5) * (np.float32(1.0) + abs(best[n]))
+
+    @njit(cache=True, fastmath=_FM_DOT)
+    def _nb_refresh_one(
+        n,
+        s,
+        short,
+        last,
+        lastchg,
+        g_ptr,
+        g_row,
+        z1,
+        ref,
+        z2,
+        hz,
+        w2t,
+        wr,
+        bias,
+        w_off,
+        dims,
+        z_off,
+        v,
+        col_a,
+        col_b,
+        top,
+        margin,
+        tol,
+    ):  # pragma: no cover - compiled
+        """Sample ``n``: the head state made exact at its current first-layer output.
+
+        The units whose relu moved since the sample's last refresh are added to ``z2``,
+        ``z2 += W2[:, i] (relu(z1[i]) - ref[i])`` (this step's rows alone when the sample
+        was refreshed at the previous step); the layers above are recomputed from ``z2``,
+        whose values become the sample's snapshot.
+        """
+        zero = np.float32(0.0)
+        d2 = dims[1]
+        heads = dims.size - 1
+        for r in range(d2):
+            col_a[r] = z2[r, n]
+        if short and last[n] == s - 1:
+            for g in range(g_ptr[s], g_ptr[s + 1]):
+                i = g_row[g]
+                if v[i] == zero:  # a dead unit (no path to the logits) keeps a stale ref
+                    continue
+                a = z1[i, n]
+                a = a if a > zero else zero
+                d = a - ref[i, n]
+                if d != zero:
+                    ref[i, n] = a
+                    for r in range(d2):
+                        col_a[r] += d * w2t[i, r]
+        else:
+            cut = last[n]
+            for i in range(dims[0]):
+                if lastchg[i] <= cut or v[i] == zero:
+                    continue
+                a = z1[i, n]
+                a = a if a > zero else zero
+                d = a - ref[i, n]
+                if d != zero:
+                    ref[i, n] = a
+                    for r in range(d2):
+                        col_a[r] += d * w2t[i, r]
+        for r in range(d2):
+            z2[r, n] = col_a[r]
+        if heads == 1:
+            cur = col_a
+        else:
+            for r in range(d2):
+                hz[r, n] = col_a[r]
+            cur, nxt = col_a, col_b
+            for h in range(1, heads):  # the layers above, from scratch
+                fin = dims[h]
+                fout = dims[h + 1]
+                zo = z_off[h]
+                wo = w_off[h]
+                for k in range(fin):
+                    a = cur[k]
+                    cur[k] = a if a > zero else zero
+                for r in range(fout):
+                    base = wo + r * fin
+                    acc = zero
+                    for k in range(fin):
+                        acc += wr[base + k] * cur[k]
+                    acc += bias[zo + r]
+                    nxt[r] = acc
+                    hz[zo + r, n] = acc
+                cur, nxt = nxt, cur
+        best = cur[0]
+        t = 0
+        second = -np.inf
+        for c in range(1, dims[heads]):
+            a = cur[c]
+            if a > best:
+                second = best
+                best = a
+                t = c
+            elif a > second:
+                second = a
+        top[n] = t
+        margin[n] = best - second
+        tol[n] = np.float32(2e-5) * (np.float32(1.0) + abs(best))
+        last[n] = s
+
+    @njit(cache=True, fastmath=_FM)
+    def _nb_refresh_all(
+        s,
+        since,
+        g_ptr,
+        g_row,
+        lastchg,
+        z1,
+        ref,
+        z2,
+        hz,
+        w2t,
+        wr,
+        bias,
+        w_off,
+        dims,
+        z_off,
+        v,
+        change,
+        act,
+        out,
+    ):  # pragma: no cover - compiled
+        """Every sample of the chunk refreshed together, in row passes across the chunk: the
+        units changed after step ``since`` (this step's rows when ``since == s - 1``) into
+        ``z2``, then the snapshot and the layers above."""
+        zero = np.float32(0.0)
+        columns = change.size
+        d2 = dims[1]
+        heads = dims.size - 1
+        count = g_ptr[s + 1] - g_ptr[s] if since == s - 1 else dims[0]
+        for q in range(count):
+            i = g_row[g_ptr[s] + q] if since == s - 1 else q
+            if lastchg[i] <= since or v[i] == zero:  # a dead unit keeps a stale ref
+                continue
+            moved = False
+            for n in range(columns):
+                a = z1[i, n]
+                a = a if a > zero else zero
+                d = a - ref[i, n]
+                change[n] = d
+                ref[i, n] = a
+                moved |= d != zero
+            if not moved:
+                continue
+            for k in range(d2):
+                w = w2t[i, k]
+                if w != zero:
+                    for n in range(columns):
+                        z2[k, n] += w * change[n]
+        if heads == 1:
+            return
+        for r in range(d2):
+            for n in range(columns):
+                hz[r, n] = z2[r, n]
+        for h in range(1, heads):
+            fin = dims[h]
+            fout = dims[h + 1]
+            zo = z_off[h]
+            zp = z_off[h - 1]
+            wo = w_off[h]
+            for k in range(fin):
+                for n in range(columns):
+                    a = hz[zp + k, n]
+                    act[k, n] = a if a > zero else zero
+            for r in range(fout):
+                b = bias[zo + r]
+                for n in range(columns):
+                    out[n] = b
+                base = wo + r * fin
+                for k in range(fin):
+                    w = wr[base + k]
+                    if w != zero:
+                        for n in range(columns):
+                            out[n] += w * act[k, n]
+                for n in range(columns):
+                    hz[zo + r, n] = out[n]
+
+    @njit(cache=True)
+    def _nb_chunk(
+        x,
+        z1,
+        z2,
+        hz,
+        labels,
+        nvalid,
+        w2t,
+        wr,
+        bias,
+        w_off,
+        dims,
+        z_off,
+        g_ptr,
+        g_row,
+        g_start,
+        d_col,
+        d_val,
+        h_ptr,
+        h_layer,
+        h_row,
+        h_col,
+        h_val,
+        h_coef,
+        bound,
+        block_of,
+        together_at,
+        hits_out,
+        refreshed_out,
+    ):  # pragma: no cover - compiled
+        """Every step for one chunk of samples: hits (and refreshes) per step."""
+        zero = np.float32(0.0)
+        d1, columns = z1.shape
+        heads = dims.size - 1
+        classes = dims[heads]
+        if heads == 1:
+            logits, lo = z2, 0
+        else:
+            logits, lo = hz, z_off[heads - 1]
+        widest = 1
+        for h in range(1, dims.size):
+            widest = max(widest, dims[h])
+        ref = np.empty_like(z1)
+        for i in range(d1):
+            for n in range(columns):
+                a = z1[i, n]
+                ref[i, n] = a if a > zero else zero
+        col_a = np.empty(widest, dtype=np.float32)
+        col_b = np.empty(widest, dtype=np.float32)
+        change = np.empty(columns, dtype=np.float32)
+        act = np.empty((widest, columns), dtype=np.float32)
+        out = np.empty(columns, dtype=np.float32)
+        slack_a = np.zeros(columns, dtype=np.float32)  # first-layer moves since the refresh
+        slack_b = np.zeros(columns, dtype=np.float32)  # head drops since the refresh
+        top = np.zeros(columns, dtype=np.int64)
+        margin = np.zeros(columns, dtype=np.float32)
+        tol = np.zeros(columns, dtype=np.float32)
+        last = np.full(columns, -1, dtype=np.int64)
+        lastchg = np.full(d1, -1, dtype=np.int64)
+        need = np.zeros(columns, dtype=np.bool_)
+        _nb_margins(logits, lo, classes, nvalid, top, margin, tol)
+        block = -1
+        v = bound[0]
+        for s in range(g_ptr.size - 1):
+            short = True  # whether only this step's rows can have moved since step s - 1
+            if block_of[s] != block:
+                if block >= 0:  # a unit that comes back to life may hold a stale ref
+                    for i in range(d1):
+                        if v[i] == zero and bound[block_of[s], i] != zero:
+                            lastchg[i] = s
+                            short = False
+                block = block_of[s]
+                v = bound[block]
+                _nb_slack(z1, ref, v, slack_a)
+            _nb_first_layer(s, x, z1, ref, v, slack_a, lastchg, g_ptr, g_row, g_start, d_col, d_val)
+            if h_ptr[s + 1] > h_ptr[s] and _nb_head_drops(
+                s,
+                ref,
+                z2,
+                hz,
+                slack_b,
+                w2t,
+                wr,
+                w_off,
+                dims,
+                z_off,
+                h_ptr,
+                h_layer,
+                h_row,
+                h_col,
+                h_val,
+                h_coef,
+            ):
+                _nb_margins(logits, lo, classes, nvalid, top, margin, tol)
+            count = 0
+            since = s
+            for n in range(nvalid):
+                sure = (slack_a[n] + slack_b[n]) * np.float32(1.001) + tol[n] < margin[n]
+                need[n] = not sure
+                count += need[n]
+                since = min(since, last[n])
+            if count >= together_at:  # much of the chunk: refresh all of it together
+                if not short:
+                    since = min(since, s - 2)
+                _nb_refresh_all(
+                    s,
+                    since,
+                    g_ptr,
+                    g_row,
+                    lastchg,
+                    z1,
+                    ref,
+                    z2,
+                    hz,
+                    w2t,
+                    wr,
+                    bias,
+                    w_off,
+                    dims,
+                    z_off,
+                    v,
+                    change,
+                    act,
+                    out,
+                )
+                for n in range(columns):
+                    need[n] = False
+                    last[n] = s
+                    slack_a[n] = zero
+                    slack_b[n] = zero
+                _nb_margins(logits, lo, classes, nvalid, top, margin, tol)
+            for n in range(nvalid):
+                if need[n]:
+                    _nb_refresh_one(
+                        n,
+                        s,
+                        short,
+                        last,
+                        lastchg,
+                        g_ptr,
+                        g_row,
+                        z1,
+                        ref,
+                        z2,
+                        hz,
+                        w2t,
+                        wr,
+                        bias,
+                        w_off,
+                        dims,
+                        z_off,
+                        v,
+                        col_a,
+                        col_b,
+                        top,
+                        margin,
+                        tol,
+                    )
+                    slack_a[n] = zero
+                    slack_b[n] = zero
+            hits = 0
+            for n in range(nvalid):
+                if top[n] == labels[n]:
+                    hits += 1
+            hits_out[s] = hits
+            refreshed_out[s] = count
+
+    @njit(cache=True, parallel=True)
+    def _nb_sweep(
+        xb,
+        z1b,
+        z2b,
+        hzb,
+        lb,
+        nvalid,
+        w2t,
+        wr,
+        bias,
+        w_off,
+        dims,
+        z_off,
+        g_ptr,
+        g_row,
+        g_start,
+        d_col,
+        d_val,
+        h_ptr,
+        h_layer,
+        h_row,
+        h_col,
+        h_val,
+        h_coef,
+        bound,
+        block_of,
+        together_at,
+        hits,
+        refreshed,
+    ):  # pragma: no cover - compiled
+        for c in prange(xb.shape[0]):
+            _nb_chunk(
+                xb[c],
+                z1b[c],
+                z2b[c],
+                hzb[c],
+                lb[c],
+                nvalid[c],
+                w2t.copy(),
+                wr.copy(),
+                bias,
+                w_off,
+                dims,
+                z_off,
+                g_ptr,
+                g_row,
+                g_start,
+                d_col,
+                d_val,
+                h_ptr,
+                h_layer,
+                h_row,
+                h_col,
+                h_val,
+                h_coef,
+                bound,
+                block_of,
+                together_at,
+                hits[c],
+                refreshed[c],
+            )
+
+
+def _numba_threads() -> int:
+    """Numba threads to use: torch's setting, within numba's pool."""
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def _drop_coefficients(head: Sequence[Tensor]) -> list[np.ndarray]:
+    """Per head layer below the output and per unit r of it: how far a unit change of that
+    unit's pre-activation can move any logit difference, whatever is pruned later:
+    ``max_{t != c} sum_m (|W_L[t, m]| + |W_L[c, m]|) (|W_{L-1}| ... |W_{h+2}|)[m, r]`` with
+    the unpruned weights (zeroing weights only shrinks these). The output layer: none."""
+    absolute = [w.detach().cpu().double().abs() for w in head]
+    out = []
+    for h in range(len(head) - 1):
+        reach = absolute[-1]
+        for w in reversed(absolute[h + 1 : -1]):
+            reach = reach @ w
+        top2 = reach.topk(min(2, reach.shape[0]), dim=0).values.sum(0)
+        out.append((top2 * (1.0 + 1e-5)).numpy())
+    out.append(np.zeros(head[-1].shape[0]))
+    return out
+
+
+def _sweep_hits_numba(
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor],
+    order: Tensor,
+    removed: Sequence[int],
+    test: Split,
+    stats: dict | None = None,
+) -> np.ndarray:
+    """Correct predictions per step, with the numba kernels (CPU, float32, two+ layers)."""
+    sched = _sweep_schedule(weights, order, removed)
+    steps = len(removed)
+    head = [w.detach().cpu() for w in weights[1:]]
+    dims = np.array([weights[0].shape[0]] + [w.shape[0] for w in head], dtype=np.int64)
+    w_off = np.concatenate([[0], np.cumsum([w.numel() for w in head])]).astype(np.int64)
+    z_off = np.concatenate([[0], np.cumsum(dims[1:])]).astype(np.int64)
+    w2t = head[0].t().contiguous().numpy()  # the first head layer, (in, out)
+    wr = np.concatenate([w.contiguous().numpy().ravel() for w in head])
+    bias = np.concatenate([b.detach().cpu().numpy() for b in biases[1:]])
+    # Each head drop: its weight, and what it adds to the slack (|w| times a coefficient).
+    h_layer, h_row, h_col = sched["h_layer"], sched["h_row"], sched["h_col"]
+    h_val = np.zeros(len(h_layer), dtype=np.float32)
+    h_coef = np.zeros(len(h_layer), dtype=np.float32)
+    for h, coef in enumerate(_drop_coefficients(head)):
+        mine = h_layer == h
+        values = head[h].numpy()[h_row[mine], h_col[mine]]
+        h_val[mine] = values
+        h_coef[mine] = np.abs(values) * coef[h_row[mine]]
+    block_of = (np.arange(steps) // _SWEEP_BLOCK).astype(np.int64)
+    bound = _head_bounds(head, sched["drop_step"], sched["starts"], steps, _SWEEP_BLOCK)
+    # Samples in chunks, each (features x samples); the initial state from one forward pass.
+    x = test.images
+    n, chunk = len(x), _SWEEP_CHUNK
+    chunks = -(-n // chunk)
+    padded = torch.zeros(chunks * chunk, x.shape[1], dtype=torch.float32)
+    padded[:n] = x
+    z1 = torch.addmm(biases[0], padded, weights[0].t())
+    h, outs = z1, []
+    for w, b in zip(head, biases[1:]):
+        h = torch.addmm(b, torch.relu(h), w.t())
+        outs.append(h)
+
+    def by_chunk(t: Tensor) -> np.ndarray:
+        return t.view(chunks, chunk, -1).transpose(1, 2).contiguous().numpy()
+
+    labels = np.full(chunks * chunk, -1, dtype=np.int64)
+    labels[:n] = test.labels.cpu().numpy()
+    nvalid = np.minimum(chunk, n - np.arange(chunks) * chunk).astype(np.int64)
+    hits = np.zeros((chunks, steps), dtype=np.int64)
+    refreshed = np.zeros((chunks, steps), dtype=np.int64)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(_numba_threads())
+    try:
+        _nb_sweep(
+            by_chunk(padded),
+            by_chunk(z1),
+            by_chunk(outs[0]),
+            by_chunk(torch.cat(outs, dim=1)),
+            labels.reshape(chunks, chunk),
+            nvalid,
+            w2t,
+            wr,
+            bias,
+            w_off,
+            dims,
+            z_off,
+            sched["g_ptr"],
+            sched["g_row"],
+            sched["g_start"],
+            sched["d_col"],
+            sched["d_val"],
+            sched["h_ptr"],
+            h_layer,
+            h_row,
+            h_col,
+            h_val,
+            h_coef,
+            bound,
+            block_of,
+            _SWEEP_TOGETHER,
+            hits,
+            refreshed,
+        )
+    finally:
+        numba.set_num_threads(previous)
+    if stats is not None:
+        stats["refreshed"] = refreshed.sum(0)
+    return hits.sum(0)
+
+
+def _sweep_hits_torch(
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor],
+    order: Tensor,
+    removed: Sequence[int],
+    test: Split,
+) -> np.ndarray:
+    """Correct predictions per step: incremental first layer, the head re-evaluated.
+
+    Any device and dtype. Works in the transposed (features x samples) layout so that
+    dropping weight (i, j) of the first layer is a row update ``z1[i] -= w_ij * x[j]``.
+    """
+    weights = [w.clone() for w in weights]
+    biases = [b.unsqueeze(1) for b in biases]
+    sizes = torch.tensor([w.numel() for w in weights], device=order.device)
+    layer_of = torch.bucketize(order, sizes.cumsum(0), right=True)
+    local = order - torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])[layer_of]
+    x_t = test.images.t().contiguous()
+    z1_t = torch.addmm(biases[0], weights[0], x_t)
+    hits, done = np.zeros(len(removed), dtype=np.int64), 0
+    for step, count in enumerate(removed):
+        dropped, where = local[done:count], layer_of[done:count]
+        done = count
+        for i, w in enumerate(weights):
+            mine = dropped[where == i]
+            if mine.numel() == 0:
+                continue
+            if i == 0 and len(weights) > 1:
+                rows, cols = mine // w.shape[1], mine % w.shape[1]
+                z1_t.index_add_(0, rows, x_t[cols] * w[rows, cols].neg().unsqueeze(1))
+            w.view(-1)[mine] = 0.0
+        if len(weights) == 1:
+            h = torch.addmm(biases[0], weights[0], x_t)
+        else:
+            h = z1_t
+            for w, b in zip(weights[1:], biases[1:]):
+                h = torch.addmm(b, w, torch.relu(h))
+        hits[step] = int((h.argmax(0) == test.labels).sum())
+    return hits
+
+
 @torch.no_grad()
 def sweep_fast(
     model: StackedMLP, scores: Mapping[str, Tensor], percentiles: Sequence[float], test: Split
 ) -> pd.DataFrame:
-    """The same sweep as :func:`sweep_reference`, reusing work between percentiles.
+    """The same sweep as :func:`sweep_reference` (same rows), reusing work between percentiles.
 
-    Works in the transposed (features x samples) layout so that dropping weight
-    (i, j) of the first layer is a row update ``z1[i] -= w_ij * x[j]``.
+    On CPU with float32 tensors, two or more layers and numba available, the certified lazy
+    refresh of the layers above the first (see "The fast sweep" above) runs in parallel over
+    chunks of samples; otherwise (CUDA, float64, one layer, no numba) the torch path updates
+    the first layer incrementally and re-evaluates the layers above at every percentile.
+    Percentiles may come in any order; kept counts are exact, accuracies equal the
+    reference's up to float rounding.
     """
+    global _numba_sweep_broken
     names = list(model.weight_matrices())
-    weights = [model.layers[n].weight[0].clone() for n in names]
-    biases = [model.layers[n].bias[0].unsqueeze(1) for n in names]
-    sizes = [w.numel() for w in weights]
-    bounds = torch.tensor(sizes, device=weights[0].device).cumsum(0)
+    weights = [model.layers[n].weight[0].detach() for n in names]
+    biases = [model.layers[n].bias[0].detach() for n in names]
     order = pruning_order({n: scores[n] for n in names})
-    x_t = test.images.t().contiguous()  # (in, N)
-    z1_t = torch.addmm(biases[0], weights[0], x_t)  # (out1, N)
-    kept = list(sizes)
-    rows, done = [], 0
-    for p, removed in zip(percentiles, removal_counts(sum(sizes), percentiles)):
-        dropped = order[done:removed]
-        done = removed
-        layer_of = torch.bucketize(dropped, bounds, right=True)
-        for i, w in enumerate(weights):
-            local = dropped[layer_of == i] - (bounds[i - 1] if i else 0)
-            if local.numel() == 0:
-                continue
-            kept[i] -= local.numel()
-            if i == 0:
-                rows_, cols = local // w.shape[1], local % w.shape[1]
-                z1_t.index_add_(0, rows_, x_t[cols] * w[rows_, cols].neg().unsqueeze(1))
-            w.view(-1)[local] = 0.0
-        h = z1_t
-        for w, b in zip(weights[1:], biases[1:]):
-            h = torch.addmm(b, w, torch.relu(h))
-        rows.append(_record(kept, names, p, _accuracy(h.t(), test.labels)))
+    sizes = [w.numel() for w in weights]
+    removed = removal_counts(sum(sizes), percentiles)
+    # Walk the removal counts in increasing order whatever the order of the percentiles.
+    walk = sorted(range(len(removed)), key=lambda k: removed[k])
+    ascending = [removed[k] for k in walk]
+    hits = None
+    if (
+        numba is not None
+        and not _numba_sweep_broken
+        and len(weights) >= 2
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in weights + biases)
+        and test.images.device.type == "cpu"
+        and test.images.dtype == torch.float32
+    ):
+        try:
+            hits = _sweep_hits_numba(weights, biases, order, ascending, test)
+        except Exception as err:  # a JIT that cannot compile here: fall back, loudly
+            _numba_sweep_broken = True
+            warnings.warn(f"numba sweep failed ({err!r}); using the torch path", stacklevel=2)
+    if hits is None:
+        hits = _sweep_hits_torch(weights, biases, order, ascending, test)
+    # Kept counts per layer: the layer's weights not among the first `removed` of the order.
+    layer_of = np.searchsorted(np.cumsum(sizes), order.cpu().numpy(), side="right")
+    gone = np.zeros((len(names), len(order) + 1), dtype=np.int64)
+    for i in range(len(names)):
+        gone[i, 1:] = np.cumsum(layer_of == i)
+    n = len(test.labels)
+    rows = [None] * len(removed)
+    for step, k in enumerate(walk):
+        kept = [sizes[i] - int(gone[i, removed[k]]) for i in range(len(names))]
+        rows[k] = _record(kept, names, percentiles[k], 100.0 * int(hits[step]) / n)
     return pd.DataFrame(rows)
 
 
