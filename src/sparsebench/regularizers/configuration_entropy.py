@@ -50,7 +50,7 @@ float32 or float64 as given:
   float64) it runs fused numba kernels, one pass over W each: the forward sums
   ``S`` and ``A`` row by row; the backward recomputes
   ``P = Cx^T Cx W + Cy^T Cy W`` row by row (a separable-sum 5x5 stencil, see
-  the comment above ``_rows``) and writes ``g * (P / S - sign(W) / A)``
+  the comment above ``_grad_rows``) and writes ``g * (P / S - sign(W) / A)``
   directly, so nothing of W's size is kept between the two. Matrices of at
   least ``PARALLEL_MIN_NUMEL`` elements run on torch's thread count (chunks
   of rows), smaller ones serially. The first call per dtype compiles the
@@ -196,6 +196,46 @@ if numba is not None:
     #        (0 when the axis has length 1).
     # With the integer kernels (32 x normalised), this gives P_raw = 1024 P.
     @njit(fastmath=True, cache=True)
+    def _sums_rows(w, k, r0, r1):  # pragma: no cover - compiled
+        """(S_raw, A) over rows ``r0:r1`` of matrix ``k``: ``S_raw = |32 Cx W|^2 + |32 Cy W|^2``.
+
+        Per row, a vertical pass over three rows of W (smoothing [3, 10, 3] and
+        difference [1, 0, -1]) into zero-padded row buffers, then the horizontal
+        difference and smoothing, squared and summed.
+        """
+        n, m = w.shape[1], w.shape[2]
+        dt = w.dtype
+        sv = np.zeros(m + 2, dtype=dt)  # one zero column each side
+        dv = np.zeros(m + 2, dtype=dt)
+        zrow = np.zeros(m, dtype=dt)
+        # Constants in the array's dtype: a bare 3 would promote float32 math to float64.
+        c = np.zeros(3, dtype=dt)
+        c[1], c[2] = 3, 10
+        zero, c3, c10 = c[0], c[1], c[2]
+        s_acc = 0.0
+        a_acc = 0.0
+        for i in range(r0, r1):
+            wu = w[k, i - 1] if i >= 1 else zrow  # zero rows outside the matrix
+            wc = w[k, i]
+            wd = w[k, i + 1] if i <= n - 2 else zrow
+            acc = zero  # per-row sums in the array's dtype (vectorises), totals in float64
+            for j in range(m):
+                u = wu[j]
+                d = wd[j]
+                x = wc[j]
+                sv[j + 1] = c3 * (u + d) + c10 * x
+                dv[j + 1] = u - d
+                acc += abs(x)
+            a_acc += acc
+            acc = zero
+            for j in range(m):
+                ex = sv[j] - sv[j + 2]
+                ey = c3 * (dv[j] + dv[j + 2]) + c10 * dv[j + 1]
+                acc += ex * ex + ey * ey
+            s_acc += acc
+        return s_acc, a_acc
+
+    @njit(fastmath=True, cache=True)
     def _border_p(q2, t2, q0, j, m, t1j):  # pragma: no cover - compiled
         """P_raw at a border column ``j`` (0 or m-1): H1 centre 2 -> 1, H2 centre 118 -> 109."""
         pj = q2[j] + q2[j + 4] + 60 * (t2[j + 1] + t2[j + 3]) + q0[j + 2]
@@ -203,17 +243,15 @@ if numba is not None:
         return pj - borders * (t1j + 9 * t2[j + 2])
 
     @njit(fastmath=True, cache=True)
-    def _rows(w, out, k, r0, r1, c1, c2, grad):  # pragma: no cover - compiled
+    def _grad_rows(w, out, k, r0, r1, c1, c2):  # pragma: no cover - compiled
         """Rows ``r0:r1`` of matrix ``k``, from ``P_raw = 1024 (Cx^T Cx + Cy^T Cy) W``.
 
         ``P_raw = (V1 (x) H1 + V2 (x) H2) W`` is a separable-sum 5x5 stencil (see
         the comment above): per row, a vertical pass over five rows of W gives
         ``t1 = V1 W`` and ``t2 = V2 W``, kept as the zero-padded row buffers
         ``q2 = 9 t2 - t1`` (the horizontal taps at +-2), ``t2`` (x60 at +-1) and
-        ``q0 = 2 t1 + 118 t2`` (centre); then a horizontal pass. P itself is
-        never stored. With ``grad`` false, returns (S_raw, A) over the rows, using
-        ``S = |Cx W|^2 + |Cy W|^2 = <W, (Cx^T Cx + Cy^T Cy) W>``. With ``grad``
-        true, writes ``out = c1 * P_raw - c2 * sign(W)`` and returns (0, 0).
+        ``q0 = 2 t1 + 118 t2`` (centre); then a horizontal pass writes
+        ``out = c1 * P_raw - c2 * sign(W)``. P itself is never stored.
         """
         n, m = w.shape[1], w.shape[2]
         dt = w.dtype
@@ -225,8 +263,6 @@ if numba is not None:
         c = np.zeros(6, dtype=dt)
         c[1], c[2], c[3], c[4], c[5] = 1, 2, 9, 60, 118
         zero, one, c2_, c9, c60, c118 = c[0], c[1], c[2], c[3], c[4], c[5]
-        s_acc = 0.0
-        a_acc = 0.0
         for i in range(r0, r1):
             # Rows i-2..i+2; a zero row outside the matrix (zero padding).
             w2u = w[k, i - 2] if i >= 2 else zrow
@@ -237,7 +273,6 @@ if numba is not None:
             ends = (one if i == 0 else zero) + (one if i == n - 1 else zero)
             v1c = c118 - c9 * ends  # V1 centre: 118 inside, 109 on a border row
             v2c = c2_ - ends  # V2 centre: 2 inside, 1 on a border row
-            acc = zero  # per-row sums in the array's dtype (vectorises), totals in float64
             for j in range(m):
                 a2 = w2u[j] + w2d[j]
                 a1 = w1u[j] + w1d[j]
@@ -247,8 +282,6 @@ if numba is not None:
                 t2[j + 2] = u2
                 q2[j + 2] = c9 * u2 - u1
                 q0[j + 2] = c2_ * u1 + c118 * u2
-                acc += abs(x)
-            a_acc += acc
             # t1 at the border columns, for their corrections (same expression).
             t1_first = c9 * (w2u[0] + w2d[0]) + c60 * (w1u[0] + w1d[0]) + v1c * wc[0]
             e = m - 1
@@ -256,23 +289,13 @@ if numba is not None:
             p_first = _border_p(q2, t2, q0, 0, m, t1_first)
             p_last = _border_p(q2, t2, q0, e, m, t1_last)
             # Inner columns here, the border columns (first, last) after.
-            if grad:
-                oq = out[k, i]
-                for j in range(1, e):
-                    pj = q2[j] + q2[j + 4] + c60 * (t2[j + 1] + t2[j + 3]) + q0[j + 2]
-                    oq[j] = c1 * pj - c2 * np.sign(wc[j])
-                oq[0] = c1 * p_first - c2 * np.sign(wc[0])
-                if m > 1:
-                    oq[e] = c1 * p_last - c2 * np.sign(wc[e])
-            else:
-                acc = zero
-                for j in range(1, e):
-                    pj = q2[j] + q2[j + 4] + c60 * (t2[j + 1] + t2[j + 3]) + q0[j + 2]
-                    acc += wc[j] * pj
-                s_acc += acc + wc[0] * p_first
-                if m > 1:
-                    s_acc += wc[e] * p_last
-        return s_acc, a_acc
+            oq = out[k, i]
+            for j in range(1, e):
+                pj = q2[j] + q2[j + 4] + c60 * (t2[j + 1] + t2[j + 3]) + q0[j + 2]
+                oq[j] = c1 * pj - c2 * np.sign(wc[j])
+            oq[0] = c1 * p_first - c2 * np.sign(wc[0])
+            if m > 1:
+                oq[e] = c1 * p_last - c2 * np.sign(wc[e])
 
     @njit(fastmath=True, cache=True)
     def _finish(s_part, a_part, nchunk, h, sums):  # pragma: no cover - compiled
@@ -283,7 +306,6 @@ if numba is not None:
             for t in range(k * nchunk, (k + 1) * nchunk):
                 s += s_part[t]
                 a += a_part[t]
-            s = max(s, 0.0)  # <W, P> of a (near-)null W may round below 0
             sums[0, k] = s
             sums[1, k] = a
             h[k] = 0.5 * np.log(0.5 * s / _SCALE + _EPS2) - np.log(a + EPS)
@@ -305,7 +327,7 @@ if numba is not None:
         for t in prange(kk * nchunk):
             r0 = (t % nchunk) * rows_per_chunk
             r1 = min(n, r0 + rows_per_chunk)
-            s_part[t], a_part[t] = _rows(w, w, t // nchunk, r0, r1, 0.0, 0.0, False)
+            s_part[t], a_part[t] = _sums_rows(w, t // nchunk, r0, r1)
         _finish(s_part, a_part, nchunk, h, sums)
 
     @njit(fastmath=True, cache=True)
@@ -315,7 +337,7 @@ if numba is not None:
         s_part = np.zeros(kk)
         a_part = np.zeros(kk)
         for k in range(kk):
-            s_part[k], a_part[k] = _rows(w, w, k, 0, w.shape[1], 0.0, 0.0, False)
+            s_part[k], a_part[k] = _sums_rows(w, k, 0, w.shape[1])
         _finish(s_part, a_part, 1, h, sums)
 
     @njit(parallel=True, fastmath=True, cache=True)
@@ -327,14 +349,14 @@ if numba is not None:
             k = t // nchunk
             r0 = (t % nchunk) * rows_per_chunk
             c1, c2 = _coefficients(g, sums, k, w.dtype)
-            _rows(w, out, k, r0, min(n, r0 + rows_per_chunk), c1, c2, True)
+            _grad_rows(w, out, k, r0, min(n, r0 + rows_per_chunk), c1, c2)
 
     @njit(fastmath=True, cache=True)
     def _grad_serial(w, rows_per_chunk, g, sums, out):  # pragma: no cover - compiled
         """As :func:`_grad_parallel`, on the calling thread."""
         for k in range(w.shape[0]):
             c1, c2 = _coefficients(g, sums, k, w.dtype)
-            _rows(w, out, k, 0, w.shape[1], c1, c2, True)
+            _grad_rows(w, out, k, 0, w.shape[1], c1, c2)
 
 
 PARALLEL_MIN_NUMEL = int(os.environ.get("SPARSEBENCH_ENTROPY_PARALLEL_MIN", "50000"))
