@@ -37,7 +37,6 @@ from torch import nn
 from sparsebench import regularizers
 from sparsebench.config import PruneHparams, TrainHparams
 from sparsebench.data import MNIST_MEAN, MNIST_STD, load_mnist, write_synthetic_mnist
-from sparsebench.models import build_model
 from sparsebench.prune import criterion_scores, sweep_fast, sweep_reference
 from sparsebench.train import train_networks
 
@@ -85,10 +84,11 @@ def naive_epoch(raw_dir: Path, samples: int, device: torch.device) -> None:
             optimizer.step()
 
 
-def engine_epoch(data, seeds: list[int], regs: list[dict], device: torch.device) -> None:
+def engine_epoch(data, seeds: list[int], regs: list[dict], device: torch.device):
+    """One epoch of the engine; returns the trained (stacked) model."""
     hparams = TrainHparams(epochs=1, batch_size=64)
     built = [regularizers.build(spec) for spec in regs]
-    train_networks("lenet300", seeds, built, hparams, data.train, data.test, device)
+    return train_networks("lenet300", seeds, built, hparams, data.train, data.test, device)[0]
 
 
 def pipeline_stages(raw_dir: Path, extra_config: list[str]) -> None:
@@ -193,8 +193,7 @@ def main() -> None:
         print(f"    ratio: {with_entropy / plain:.2f}  (targets: <= 2.0, engine issue <= 1.25)\n")
 
     if "d" not in skip:
-        model = build_model("lenet300", [0], device)
-        engine_epoch(data, [0], [], device)
+        model = engine_epoch(data, [0], [], device)  # a trained network: one epoch
         scores = criterion_scores("sensitivity", model, data.train, seed=0)
         percentiles = PruneHparams().percentiles()
         step = max(1, len(percentiles) // args.reference_points)
