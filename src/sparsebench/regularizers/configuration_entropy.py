@@ -54,8 +54,10 @@ float32 or float64 as given:
   directly, so nothing of W's size is kept between the two. Matrices of at
   least ``PARALLEL_MIN_NUMEL`` elements run on torch's thread count (chunks
   of rows), smaller ones serially. The first call per dtype compiles the
-  kernels (about 10 s per dtype on 2 cores; numba's on-disk cache makes
-  later processes load them in well under a second). Where numba is missing,
+  kernels once per installation: about 4 s for the serial ones, 12 s with
+  the parallel ones (compiled only when torch runs more than one thread) on
+  this project's 2-core machine; numba's on-disk cache (``cache=True``) then
+  makes every later process load them in about 0.3 s. Where numba is missing,
   fails to compile, for other dtypes, and on CUDA tensors, it falls back to
   the eager closed form (separable 1-D passes by slicing a padded tensor);
   on CUDA that eager form is a handful of kernel launches (wrap it in
