@@ -10,7 +10,8 @@ and gradient of H_C summed over LeNet300's three weight matrices (300x784,
   the parallel kernels for stacks of at least ``PARALLEL_MIN_NUMEL`` elements
   when torch has more than one thread, else the serial ones);
 - ``fused-1t``: the serial numba kernels only;
-- ``compiled`` (``--compile``): torch.compile of the eager closed form.
+- ``compiled`` (``--compile``): torch.compile of the separable form's value, its
+  gradient by autograd through the compiled graph.
 
 and the ratio of each to the reference. Wall-clock times (median and min) and
 process CPU times (which include every thread, and spinning) are both shown:
