@@ -1,6 +1,6 @@
 """Micro-benchmark of the configuration-entropy implementations (value + gradient).
 
-Times, side by side in one run (interleaved rounds, median per call), the value
+Times, side by side in one run (interleaved rounds in shuffled order), the value
 and gradient of H_C summed over LeNet300's three weight matrices (300x784,
 100x300, 10x100), stacked K = 1 and K = 8 seeds, for:
 
@@ -10,6 +10,9 @@ and gradient of H_C summed over LeNet300's three weight matrices (300x784,
   the parallel kernels for stacks of at least ``PARALLEL_MIN_NUMEL`` elements
   when torch has more than one thread, else the serial ones);
 - ``fused-1t``: the serial numba kernels only;
+- ``floor``: ``w.sum((1, 2))``, the same harness with a trivial function (three
+  outputs summed, ``autograd.grad``; the gradient an expanded view): the part of
+  every row that is not the implementation's own;
 - ``compiled`` (``--compile``): torch.compile of the separable form's value, its
   gradient by autograd through the compiled graph.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -64,6 +68,12 @@ def _fused_serial(w):
         ce.PARALLEL_MIN_NUMEL = limit
 
 
+def _floor(w):
+    # The cheapest differentiable (K,) function of the same weights (its gradient is
+    # an expanded view, no W-sized memory): what the harness costs on its own.
+    return w.sum((1, 2))
+
+
 def _step(fn, weights):
     total = sum(fn(w).sum() for w in weights)
     return torch.autograd.grad(total, weights)
@@ -77,8 +87,12 @@ def bench(impls: dict, k: int, rounds: int) -> dict[str, tuple[list[float], list
         for _ in range(5):
             _step(fn, weights)
     times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in impls}
+    order = random.Random(0)
+    names = list(impls)
     for _ in range(rounds):
-        for name, fn in impls.items():
+        order.shuffle(names)  # no implementation always runs after the same one
+        for name in names:
+            fn = impls[name]
             c0, t0 = time.process_time(), time.perf_counter()
             _step(fn, weights)
             t1, c1 = time.perf_counter(), time.process_time()
@@ -124,6 +138,7 @@ def main() -> None:
         "eager": _eager,
         "fused": _fused,
         "fused-1t": _fused_serial,
+        "floor": _floor,
     }
     if args.compile:
         eager_value = torch.compile(lambda w: ce._entropy_from_sums(*ce._eager_sums(w)[2:]))
