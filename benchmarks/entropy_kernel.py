@@ -9,7 +9,9 @@ and gradient of H_C summed over LeNet300's three weight matrices (300x784,
 - ``fused``: the numba kernels used in training (the default path on CPU:
   the parallel kernels for stacks of at least ``PARALLEL_MIN_NUMEL`` elements
   when torch has more than one thread, else the serial ones);
-- ``fused-1t``: the serial numba kernels only;
+- ``fused-sum``: the same kernels, all three layers in one autograd node
+  (``configuration_entropy_sum``, what the regularizer's ``value`` uses);
+- ``fused-1t``: the serial numba kernels only, one node per layer;
 - ``floor``: ``w.sum((1, 2))``, the same harness with a trivial function (three
   outputs summed, ``autograd.grad``; the gradient an expanded view): the part of
   every row that is not the implementation's own;
@@ -74,8 +76,22 @@ def _floor(w):
     return w.sum((1, 2))
 
 
+def _fused_sum(weights):
+    backend, ce.BACKEND = ce.BACKEND, "numba"
+    try:
+        return ce.configuration_entropy_sum(weights)
+    finally:
+        ce.BACKEND = backend
+
+
+_fused_sum.all_layers = True
+
+
 def _step(fn, weights):
-    total = sum(fn(w).sum() for w in weights)
+    if getattr(fn, "all_layers", False):
+        total = fn(weights).sum()
+    else:
+        total = sum(fn(w).sum() for w in weights)
     return torch.autograd.grad(total, weights)
 
 
@@ -137,6 +153,7 @@ def main() -> None:
         "reference": ce.configuration_entropy_reference,
         "eager": _eager,
         "fused": _fused,
+        "fused-sum": _fused_sum,
         "fused-1t": _fused_serial,
         "floor": _floor,
     }

@@ -150,6 +150,32 @@ def test_torch_thread_count_is_left_alone(monkeypatch, threads):
         torch.set_num_threads(before)
 
 
+def test_sum_over_layers_is_one_node_equal_to_the_per_layer_sum(backend):
+    ws = [
+        _rand(shape, dtype=torch.float32, seed=i).requires_grad_()
+        for i, shape in enumerate([(3, 30, 40), (3, 7, 30), (3, 1, 7)])
+    ]
+    frozen = _rand((3, 5, 5), dtype=torch.float32, seed=9)  # needs no gradient
+    total = ce.configuration_entropy_sum([*ws, frozen])
+    if backend == "numba":
+        assert type(total.grad_fn).__name__ == "_FusedEntropyBackward"
+    grads = torch.autograd.grad((total * torch.tensor([1.0, -2.0, 0.5])).sum(), ws)
+    ref = sum(ce.configuration_entropy_reference(w) for w in [*ws, frozen])
+    ref_grads = torch.autograd.grad((ref * torch.tensor([1.0, -2.0, 0.5])).sum(), ws)
+    torch.testing.assert_close(total, ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5 * g_ref.abs().max().item())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ce.configuration_entropy_sum(ws),
+            ref - ce.configuration_entropy_reference(frozen),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    with pytest.raises(ValueError):
+        ce.configuration_entropy_sum([])
+
+
 def test_value_without_grad_and_2d_input(backend):
     w = _rand((2, 6, 9))
     with torch.no_grad():
@@ -223,6 +249,13 @@ def test_registered_arms(backend):
     torch.testing.assert_close(
         paper.loss_term({"fc1": w, "fc2": v}), -2 * (h + ce.configuration_entropy_reference(v))
     )
+    # value() (one fused node for all layers) is the sum of measure() over them.
+    for arm in (paper, prose):
+        layers = {"fc1": w, "fc2": v}
+        torch.testing.assert_close(
+            arm.value(layers), arm.measure(w) + arm.measure(v), rtol=1e-6, atol=1e-6
+        )
+        torch.testing.assert_close(regs.get(arm.name)(layers=["fc2"]).value(layers), arm.measure(v))
     # A conv weight given as (K, out, in, kh, kw) is read as (K, out, in*kh*kw).
     conv = _rand((3, 4, 2, 3, 3), dtype=torch.float32, seed=4)
     torch.testing.assert_close(

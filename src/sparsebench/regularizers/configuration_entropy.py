@@ -70,6 +70,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -412,30 +414,46 @@ def _as_array(w: Tensor) -> np.ndarray:
 
 
 class _FusedEntropy(torch.autograd.Function):
-    # The forward computes H (S and A); the backward recomputes P row by row from
-    # W and writes the gradient directly, so no (K, out, in) buffer lives between
-    # the two. Plain numpy arrays (views of torch memory) travel on ctx: fewer
-    # conversions per call, which matter at LeNet300 sizes. Saving ``w`` itself
-    # keeps autograd's check that it was not modified in place before backward.
+    """Sum of ``H_C`` over one or more stacks ``(K, out_l, in_l)`` (same K and dtype).
+
+    One autograd node for all the layers of a network: the per-layer nodes and
+    the stacking and summing of their outputs cost more than the kernels of the
+    small layers. The forward computes H (S and A per layer); the backward
+    recomputes P row by row from W and writes the gradient directly, so no
+    W-sized buffer lives between the two. Plain numpy arrays (views of torch
+    memory) travel on ctx: fewer conversions per call. Saving the inputs keeps
+    autograd's check that they were not modified in place before backward.
+    """
+
     @staticmethod
-    def forward(ctx, w: Tensor) -> Tensor:
-        wn = _as_array(w)
-        h, sums = _numba_value(wn)
-        ctx.save_for_backward(w)
-        ctx.arrays = wn, sums
-        return torch.from_numpy(h)
+    def forward(ctx, *ws: Tensor) -> Tensor:
+        arrays = [_as_array(w) for w in ws]
+        total = None
+        sums = []
+        for wn in arrays:
+            h, s = _numba_value(wn)
+            total = h if total is None else total + h
+            sums.append(s)
+        ctx.save_for_backward(*ws)
+        ctx.arrays = arrays, sums
+        return torch.from_numpy(total)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> Tensor:
-        ctx.saved_tensors  # noqa: B018 - raises if w was modified in place
-        wn, sums = ctx.arrays
-        out = np.empty_like(wn)
-        parallel, rows_per_chunk = _plan(wn)
-        (_grad_parallel if parallel else _grad_serial)(
-            wn, rows_per_chunk, _as_array(grad), sums, out
-        )
-        return torch.from_numpy(out)
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, ...]:
+        ctx.saved_tensors  # noqa: B018 - raises if a weight was modified in place
+        arrays, sums = ctx.arrays
+        g = _as_array(grad)
+        grads: list[Tensor | None] = []
+        for wn, s, needed in zip(arrays, sums, ctx.needs_input_grad):
+            if not needed:
+                grads.append(None)
+                continue
+            out = np.empty_like(wn)
+            parallel, rows_per_chunk = _plan(wn)
+            (_grad_parallel if parallel else _grad_serial)(wn, rows_per_chunk, g, s, out)
+            grads.append(torch.from_numpy(out))
+        return tuple(grads)
 
 
 _compiled: set[tuple[torch.dtype, bool]] = set()
@@ -469,14 +487,42 @@ def _numba_usable(w: Tensor) -> bool:
     return w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64)
 
 
-def _fused(w: Tensor) -> Tensor:
-    if (w.dtype, False) not in _compiled:
-        _warm_up(w.dtype, parallel=False)
-    if torch.get_num_threads() > 1 and (w.dtype, True) not in _compiled:
-        _warm_up(w.dtype, parallel=True)
-    if torch.is_grad_enabled() and w.requires_grad:
-        return _FusedEntropy.apply(w)
-    return torch.from_numpy(_numba_value(_as_array(w))[0])
+def _fused(ws: list[Tensor]) -> Tensor:
+    dtype = ws[0].dtype
+    if (dtype, False) not in _compiled:
+        _warm_up(dtype, parallel=False)
+    if torch.get_num_threads() > 1 and (dtype, True) not in _compiled:
+        _warm_up(dtype, parallel=True)
+    if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
+        return _FusedEntropy.apply(*ws)
+    return torch.from_numpy(sum(_numba_value(_as_array(w))[0] for w in ws))
+
+
+def _entropy_sum(ws: list[Tensor]) -> Tensor:
+    """Sum of ``H_C`` over stacks ``(K, out_l, in_l)``: the fused kernels or the eager form."""
+    global _numba_broken
+    if BACKEND not in ("auto", "numba", "eager"):
+        raise ValueError(f"BACKEND must be 'auto', 'numba' or 'eager', not {BACKEND!r}")
+    usable = all(_numba_usable(w) for w in ws) and len({(w.dtype, w.shape[0]) for w in ws}) == 1
+    if BACKEND == "numba" and not usable:
+        raise RuntimeError(
+            f"BACKEND='numba' but numba cannot run here (numba installed: {numba is not None}; "
+            f"devices, dtypes, K: {[(str(w.device), w.dtype, w.shape[0]) for w in ws]})"
+        )
+    if usable:
+        try:
+            return _fused(ws)
+        except Exception as err:  # a JIT that cannot compile here: fall back, loudly
+            if BACKEND == "numba":
+                raise
+            _numba_broken = True
+            warnings.warn(
+                f"numba kernel for configuration entropy failed ({err!r}); "
+                "falling back to the eager closed form",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _eager(ws[0]) if len(ws) == 1 else torch.stack([_eager(w) for w in ws]).sum(0)
 
 
 def configuration_entropy(weight: Tensor) -> Tensor:
@@ -488,32 +534,21 @@ def configuration_entropy(weight: Tensor) -> Tensor:
     here, a ``RuntimeWarning`` is issued once and the eager form is used from
     then on (with ``BACKEND == "numba"`` the error is raised instead).
     """
-    global _numba_broken
     w, squeeze = _as_batch(weight)
-    if BACKEND not in ("auto", "numba", "eager"):
-        raise ValueError(f"BACKEND must be 'auto', 'numba' or 'eager', not {BACKEND!r}")
-    if BACKEND == "numba" and not _numba_usable(w):
-        raise RuntimeError(
-            f"BACKEND='numba' but numba cannot run here (numba installed: {numba is not None}, "
-            f"device {w.device}, dtype {w.dtype})"
-        )
-    h = None
-    if _numba_usable(w):
-        try:
-            h = _fused(w)
-        except Exception as err:  # a JIT that cannot compile here: fall back, loudly
-            if BACKEND == "numba":
-                raise
-            _numba_broken = True
-            warnings.warn(
-                f"numba kernel for configuration entropy failed ({err!r}); "
-                "falling back to the eager closed form",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    if h is None:
-        h = _eager(w)
+    h = _entropy_sum([w])
     return h[0] if squeeze else h
+
+
+def configuration_entropy_sum(weights: Sequence[Tensor]) -> Tensor:
+    """``sum_l H_C(W_l)`` over several stacks ``(K, out_l, in_l)``, shape ``(K,)``.
+
+    Equal to summing :func:`configuration_entropy` over the layers, but one
+    autograd node for them all on the fused path (what the regularizer uses).
+    """
+    ws = [_as_batch(w)[0] for w in weights]
+    if not ws:
+        raise ValueError("configuration_entropy_sum needs at least one weight matrix")
+    return _entropy_sum(ws)
 
 
 # ----------------------------------------------------------------------------
@@ -549,16 +584,25 @@ class ConfigurationEntropy(Regularizer):
     The added term is ``coefficient * sum_layers l_C(W)``: the paper's formula
     defines its right-hand side as the *negative* of the sparsity loss, so
     minimising the loss maximises ``H_C``. The prose's reading (minimise
-    ``+H_C``) is the separate arm ``configuration_entropy_prose``.
-    Conv weights arrive from the engine as ``(K, out, in*kh*kw)``.
+    ``+H_C``) is the separate arm ``configuration_entropy_prose``, which only
+    flips :attr:`sign`. Conv weights arrive from the engine as
+    ``(K, out, in*kh*kw)``. :meth:`value` (the sum over the layers, what the
+    training loss gets) is one fused autograd node for all layers; it equals
+    the sum of :meth:`measure` over them.
     """
 
     name = "configuration_entropy"
     description = "configuration entropy, paper formula: coefficient * sum_layers (-H_C(W))"
+    sign: ClassVar[float] = -1.0
+    """``measure = sign * H_C``: -1 for the paper's formula (``l_C = -H_C``)."""
 
     def entropy(self, weight: Tensor) -> Tensor:
         """``H_C`` of stacked matrices ``(K, out, in)``, shape ``(K,)``."""
         return configuration_entropy(_flatten_conv(weight))
 
     def measure(self, weight: Tensor) -> Tensor:
-        return -self.entropy(weight)
+        return self.sign * self.entropy(weight)
+
+    def value(self, weights: Mapping[str, Tensor]) -> Tensor:
+        selected = [_flatten_conv(w) for w in self.select(weights).values()]
+        return self.sign * configuration_entropy_sum(selected)

@@ -11,7 +11,7 @@ arm's, from :mod:`sparsebench.regularizers.configuration_entropy`; conv
 weights arrive from the engine as ``(K, out, in*kh*kw)``.
 """
 
-from torch import Tensor
+from typing import ClassVar
 
 from sparsebench.regularizers.base import register
 from sparsebench.regularizers.configuration_entropy import ConfigurationEntropy
@@ -23,6 +23,4 @@ class ConfigurationEntropyProse(ConfigurationEntropy):
 
     name = "configuration_entropy_prose"
     description = "configuration entropy, prose reading (ablation): coefficient * sum_layers H_C(W)"
-
-    def measure(self, weight: Tensor) -> Tensor:
-        return self.entropy(weight)
+    sign: ClassVar[float] = 1.0  # measure = +H_C; everything else is the paper arm's
