@@ -26,15 +26,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.datasets import MNIST as _TorchvisionMNIST
-from torchvision.datasets.utils import download_url
 
 log = logging.getLogger(__name__)
 
+# torchvision's ``MNIST.resources`` and ``MNIST.mirrors``, written out (tests/test_data.py
+# checks they still match): importing torchvision costs ~4 s, paid by every pipeline job.
 #: The four original MNIST file names and their official MD5s (as torchvision lists them).
-MNIST_FILES: dict[str, str] = dict(_TorchvisionMNIST.resources)
+MNIST_FILES: dict[str, str] = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
 #: torchvision's official MNIST mirrors, tried in this order.
-MNIST_MIRRORS: list[str] = list(_TorchvisionMNIST.mirrors)
+MNIST_MIRRORS: list[str] = [
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+]
 
 TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
 TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
@@ -106,6 +114,8 @@ def _fetch_to(tmp: Path, name: str, mirror: str | Path) -> str:
             raise DatasetError(f"mirror folder {folder} has no file {name}")
         shutil.copyfile(source, tmp)
         return str(source)
+    from torchvision.datasets.utils import download_url
+
     url = _file_url(str(mirror), name)
     try:
         download_url(url, root=str(tmp.parent), filename=tmp.name, md5=None)
