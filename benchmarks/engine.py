@@ -7,7 +7,10 @@ Prints, on this machine (batch 64, LeNet300, real MNIST when given, else synthet
 (b) K seeds trained together (stacked) against K one after another;
 (c) an epoch with configuration entropy against a plain epoch (the engine);
 (d) a 1001-point sweep of one LeNet300 on the test set: fast path against the
-    reference path (the reference is timed on a subset of points and scaled);
+    reference path (the reference is timed on a subset of points and scaled). The
+    network is trained here for one epoch, or read from a train job's ``weights.pt``
+    (``--sweep-weights``); the fast path's time depends on it (margins), so its test
+    accuracy is printed too;
 (e) on a GPU (or with ``--pipeline``): the main experiment end to end through
     ``snakemake --cores all``, stage by stage (``--until``), with each stage's wall time.
 
@@ -37,6 +40,7 @@ from torch import nn
 from sparsebench import regularizers
 from sparsebench.config import PruneHparams, TrainHparams
 from sparsebench.data import MNIST_MEAN, MNIST_STD, load_mnist, write_synthetic_mnist
+from sparsebench.models import build_model
 from sparsebench.prune import criterion_scores, sweep_fast, sweep_reference
 from sparsebench.train import train_networks
 
@@ -135,6 +139,9 @@ def main() -> None:
     parser.add_argument("--reference-points", type=int, default=21)
     parser.add_argument("--skip", default="", help="parts to skip, e.g. 'a,d'")
     parser.add_argument(
+        "--sweep-weights", type=Path, help="a train job's weights.pt to sweep in (d)"
+    )
+    parser.add_argument(
         "--pipeline", action="store_true", help="run (e) even without a GPU (very long on a CPU)"
     )
     parser.add_argument(
@@ -193,7 +200,17 @@ def main() -> None:
         print(f"    ratio: {with_entropy / plain:.2f}  (targets: <= 2.0, engine issue <= 1.25)\n")
 
     if "d" not in skip:
-        model = engine_epoch(data, [0], [], device)  # a trained network: one epoch
+        if args.sweep_weights is None:
+            model = engine_epoch(data, [0], [], device)  # a trained network: one epoch
+            source = f"trained here, 1 epoch on {args.train_samples} images"
+        else:
+            model = build_model("lenet300", [0], device)
+            state = torch.load(args.sweep_weights, map_location=device)
+            model.load_network_state_dicts([state])
+            source = str(args.sweep_weights)
+        with torch.no_grad():
+            correct = (model(data.test.images)[0].argmax(-1) == data.test.labels).sum()
+        accuracy = 100.0 * int(correct) / len(data.test.labels)
         scores = criterion_scores("sensitivity", model, data.train, seed=0)
         percentiles = PruneHparams().percentiles()
         step = max(1, len(percentiles) // args.reference_points)
@@ -202,6 +219,7 @@ def main() -> None:
         reference = timed(lambda: sweep_reference(model, scores, subset, data.test))
         reference_full = reference * len(percentiles) / len(subset)
         print(f"(d) {len(percentiles)}-point sweep of one LeNet300 on {len(data.test)} test images")
+        print(f"    network: {source}; unpruned test accuracy {accuracy:.2f} %")
         print(
             f"    fast {fast:7.2f} s   reference {reference_full:7.2f} s"
             f" (from {len(subset)} points)"
