@@ -211,6 +211,8 @@ def test_markdown_contains_numbers(entries):
     compact = summary_markdown(summary, percentiles=[90.0], criterion="sensitivity")
     assert "[85.00, 90.00]" in compact and "88.00" in compact and "2,000" in compact
     assert "magnitude" not in compact
+    with pytest.raises(ValueError, match=r"\['random'\] not in the summary"):
+        summary_markdown(summary, percentiles=[90.0], criterion="random")
 
 
 def test_write_tables_writes_all_files_with_provenance(entries, tmp_path):

@@ -105,6 +105,24 @@ def order_arms(arms: Iterable[str], arm_order: Sequence[str] | None) -> list[str
     return order + [a for a in seen if a not in order]
 
 
+def select_criteria(
+    frame: pd.DataFrame, criterion: str | Sequence[str] | None, what: str = "table"
+) -> list[str]:
+    """The criteria asked for (one, several, or None for all of ``frame``'s), checked.
+
+    Raises ``ValueError`` naming any criterion that ``frame`` (``what``, in the message)
+    does not have.
+    """
+    available = list(dict.fromkeys(frame["criterion"]))
+    if criterion is None:
+        return available
+    criteria = [criterion] if isinstance(criterion, str) else list(criterion)
+    unknown = [c for c in criteria if c not in available]
+    if unknown:
+        raise ValueError(f"criterion {unknown} not in the {what} (it has {available})")
+    return criteria
+
+
 def summarize(sweeps: pd.DataFrame, arm_order: Sequence[str] | None = None) -> pd.DataFrame:
     """Per arm, criterion and percentile: accuracy and kept counts over seeds.
 
@@ -226,16 +244,7 @@ def kept_at_accuracy_markdown(
     baseline does not. ``criterion`` is one criterion, several, or None for all (one table
     per criterion, each under a ``###`` heading when there are several).
     """
-    available = list(dict.fromkeys(table["criterion"]))
-    if criterion is None:
-        criteria = available
-    elif isinstance(criterion, str):
-        criteria = [criterion]
-    else:
-        criteria = list(criterion)
-    unknown = [c for c in criteria if c not in available]
-    if unknown:
-        raise ValueError(f"criterion {unknown} not in the table (it has {available})")
+    criteria = select_criteria(table, criterion)
 
     parts = []
     for crit in criteria:
@@ -288,13 +297,7 @@ def summary_markdown(
     [min, max] over seeds, seeds. Percentiles absent from the data are skipped.
     """
     wanted = {round(float(p), PERCENTILE_DECIMALS) for p in percentiles}
-    available = list(dict.fromkeys(summary["criterion"]))
-    if criterion is None:
-        criteria = available
-    elif isinstance(criterion, str):
-        criteria = [criterion]
-    else:
-        criteria = list(criterion)
+    criteria = select_criteria(summary, criterion, "summary")
     parts = []
     for crit in criteria:
         part = summary[(summary["criterion"] == crit) & summary["percentile"].isin(wanted)]

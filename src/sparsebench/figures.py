@@ -27,7 +27,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from sparsebench.aggregate import order_arms
+from sparsebench.aggregate import order_arms, select_criteria
 from sparsebench.provenance import atomic_path
 
 DPI = 150
@@ -277,16 +277,7 @@ def plot_accuracy_vs_kept(
     missing = sorted(required - set(summary.columns))
     if missing:
         raise ValueError(f"summary lacks column(s) {missing}")
-    available = list(dict.fromkeys(summary["criterion"]))
-    if criterion is None:
-        criteria = available
-    elif isinstance(criterion, str):
-        criteria = [criterion]
-    else:
-        criteria = list(criterion)
-    unknown = [c for c in criteria if c not in available]
-    if unknown:
-        raise ValueError(f"criterion {unknown} not in the summary (it has {available})")
+    criteria = select_criteria(summary, criterion, "summary")
     data = summary[summary["criterion"].isin(criteria) & (summary["kept_median"] > 0)]
     if data.empty:
         raise ValueError("nothing to plot: no rows with kept_median > 0 for these criteria")
