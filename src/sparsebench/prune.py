@@ -317,11 +317,10 @@ if numba is not None:
                 slack[n] += vi * abs(new - ref[i, n])
 
     @njit(cache=True)
-    def _nb_first_layer(
-        s, x, z1, ref, v, slack, lastchg, g_ptr, g_row, g_start, d_col, d_val
-    ):  # pragma: no cover - compiled
+    def _nb_first_layer(s, x, z1, ref, v, slack, lastchg, first_drops):  # pragma: no cover
         """Step ``s``'s first-layer drops, a row (unit) at a time, up to three drops a pass,
         keeping every sample's slack current."""
+        g_ptr, g_row, g_start, d_col, d_val = first_drops
         zero = np.float32(0.0)
         for g in range(g_ptr[s], g_ptr[s + 1]):
             i = g_row[g]
@@ -344,28 +343,13 @@ if numba is not None:
                 d += take
 
     @njit(cache=True, fastmath=_FM)
-    def _nb_head_drops(
-        s,
-        ref,
-        z2,
-        hz,
-        slack,
-        w2t,
-        wr,
-        w_off,
-        dims,
-        z_off,
-        h_ptr,
-        h_layer,
-        h_row,
-        h_col,
-        h_val,
-        h_coef,
-    ):  # pragma: no cover - compiled
+    def _nb_head_drops(s, ref, z2, hz, slack, head, head_drops):  # pragma: no cover - compiled
         """Step ``s``'s head drops. The first head layer's pre-activations ``z2`` stay exact
         (at ``ref``); the output layer's drops are applied exactly to the stored logits (at
         the activations of each sample's last refresh); every other effect goes into the
         slack. Returns whether the stored logits changed."""
+        w2t, wr, _, w_off, dims, z_off = head
+        h_ptr, h_layer, h_row, h_col, h_val, h_coef = head_drops
         zero = np.float32(0.0)
         columns = slack.size
         heads = dims.size - 1
@@ -433,18 +417,12 @@ if numba is not None:
         short,
         last,
         lastchg,
-        g_ptr,
-        g_row,
+        first_drops,
         z1,
         ref,
         z2,
         hz,
-        w2t,
-        wr,
-        bias,
-        w_off,
-        dims,
-        z_off,
+        head,
         v,
         col_a,
         col_b,
@@ -459,6 +437,8 @@ if numba is not None:
         was refreshed at the previous step); the layers above are recomputed from ``z2``,
         whose values become the sample's snapshot.
         """
+        g_ptr, g_row = first_drops[0], first_drops[1]
+        w2t, wr, bias, w_off, dims, z_off = head
         zero = np.float32(0.0)
         d2 = dims[1]
         heads = dims.size - 1
@@ -531,29 +511,13 @@ if numba is not None:
 
     @njit(cache=True, fastmath=_FM)
     def _nb_refresh_all(
-        s,
-        since,
-        g_ptr,
-        g_row,
-        lastchg,
-        z1,
-        ref,
-        z2,
-        hz,
-        w2t,
-        wr,
-        bias,
-        w_off,
-        dims,
-        z_off,
-        v,
-        change,
-        act,
-        out,
+        s, since, first_drops, lastchg, z1, ref, z2, hz, head, v, change, act, out
     ):  # pragma: no cover - compiled
         """Every sample of the chunk refreshed together, in row passes across the chunk: the
         units changed after step ``since`` (this step's rows when ``since == s - 1``) into
         ``z2``, then the snapshot and the layers above."""
+        g_ptr, g_row = first_drops[0], first_drops[1]
+        w2t, wr, bias, w_off, dims, z_off = head
         zero = np.float32(0.0)
         columns = change.size
         d2 = dims[1]
@@ -614,30 +578,24 @@ if numba is not None:
         hz,
         labels,
         nvalid,
-        w2t,
-        wr,
-        bias,
-        w_off,
-        dims,
-        z_off,
-        g_ptr,
-        g_row,
-        g_start,
-        d_col,
-        d_val,
-        h_ptr,
-        h_layer,
-        h_row,
-        h_col,
-        h_val,
-        h_coef,
+        head,
+        first_drops,
+        head_drops,
         bound,
         block_of,
         together_at,
         hits_out,
         refreshed_out,
     ):  # pragma: no cover - compiled
-        """Every step for one chunk of samples: hits (and refreshes) per step."""
+        """Every step for one chunk of samples: hits (and refreshes) per step.
+
+        ``head``: the layers above the first, ``(w2t, wr, bias, w_off, dims, z_off)`` (this
+        chunk's own copies of the weights, which its head drops zero); ``first_drops`` and
+        ``head_drops``: the schedule of :func:`_sweep_schedule` for the first layer and for
+        the head.
+        """
+        dims, z_off = head[4], head[5]
+        g_ptr, h_ptr = first_drops[0], head_drops[0]
         zero = np.float32(0.0)
         d1, columns = z1.shape
         heads = dims.size - 1
@@ -681,24 +639,9 @@ if numba is not None:
                 block = block_of[s]
                 v = bound[block]
                 _nb_slack(z1, ref, v, slack_a)
-            _nb_first_layer(s, x, z1, ref, v, slack_a, lastchg, g_ptr, g_row, g_start, d_col, d_val)
+            _nb_first_layer(s, x, z1, ref, v, slack_a, lastchg, first_drops)
             if h_ptr[s + 1] > h_ptr[s] and _nb_head_drops(
-                s,
-                ref,
-                z2,
-                hz,
-                slack_b,
-                w2t,
-                wr,
-                w_off,
-                dims,
-                z_off,
-                h_ptr,
-                h_layer,
-                h_row,
-                h_col,
-                h_val,
-                h_coef,
+                s, ref, z2, hz, slack_b, head, head_drops
             ):
                 _nb_margins(logits, lo, classes, nvalid, top, margin, tol)
             count = 0
@@ -712,25 +655,7 @@ if numba is not None:
                 if not short:
                     since = min(since, s - 2)
                 _nb_refresh_all(
-                    s,
-                    since,
-                    g_ptr,
-                    g_row,
-                    lastchg,
-                    z1,
-                    ref,
-                    z2,
-                    hz,
-                    w2t,
-                    wr,
-                    bias,
-                    w_off,
-                    dims,
-                    z_off,
-                    v,
-                    change,
-                    act,
-                    out,
+                    s, since, first_drops, lastchg, z1, ref, z2, hz, head, v, change, act, out
                 )
                 for n in range(columns):
                     need[n] = False
@@ -746,18 +671,12 @@ if numba is not None:
                         short,
                         last,
                         lastchg,
-                        g_ptr,
-                        g_row,
+                        first_drops,
                         z1,
                         ref,
                         z2,
                         hz,
-                        w2t,
-                        wr,
-                        bias,
-                        w_off,
-                        dims,
-                        z_off,
+                        head,
                         v,
                         col_a,
                         col_b,
@@ -782,30 +701,18 @@ if numba is not None:
         hzb,
         lb,
         nvalid,
-        w2t,
-        wr,
-        bias,
-        w_off,
-        dims,
-        z_off,
-        g_ptr,
-        g_row,
-        g_start,
-        d_col,
-        d_val,
-        h_ptr,
-        h_layer,
-        h_row,
-        h_col,
-        h_val,
-        h_coef,
+        head,
+        first_drops,
+        head_drops,
         bound,
         block_of,
         together_at,
         hits,
         refreshed,
     ):  # pragma: no cover - compiled
+        w2t, wr, bias, w_off, dims, z_off = head
         for c in prange(xb.shape[0]):
+            own = (w2t.copy(), wr.copy(), bias, w_off, dims, z_off)  # head drops zero these
             _nb_chunk(
                 xb[c],
                 z1b[c],
@@ -813,23 +720,9 @@ if numba is not None:
                 hzb[c],
                 lb[c],
                 nvalid[c],
-                w2t.copy(),
-                wr.copy(),
-                bias,
-                w_off,
-                dims,
-                z_off,
-                g_ptr,
-                g_row,
-                g_start,
-                d_col,
-                d_val,
-                h_ptr,
-                h_layer,
-                h_row,
-                h_col,
-                h_val,
-                h_coef,
+                own,
+                first_drops,
+                head_drops,
                 bound,
                 block_of,
                 together_at,
@@ -919,23 +812,9 @@ def _sweep_hits_numba(
             by_chunk(torch.cat(outs, dim=1)),
             labels.reshape(chunks, chunk),
             nvalid,
-            w2t,
-            wr,
-            bias,
-            w_off,
-            dims,
-            z_off,
-            sched["g_ptr"],
-            sched["g_row"],
-            sched["g_start"],
-            sched["d_col"],
-            sched["d_val"],
-            sched["h_ptr"],
-            h_layer,
-            h_row,
-            h_col,
-            h_val,
-            h_coef,
+            (w2t, wr, bias, w_off, dims, z_off),
+            tuple(sched[k] for k in ("g_ptr", "g_row", "g_start", "d_col", "d_val")),
+            (sched["h_ptr"], h_layer, h_row, h_col, h_val, h_coef),
             bound,
             block_of,
             _SWEEP_TOGETHER,
