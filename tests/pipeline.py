@@ -52,21 +52,18 @@ def tiny_overlay(data_dir: Path, checksums: Mapping[str, str], **changes: Any) -
     return deep_merge(overlay, changes)
 
 
-def run_snakemake(
-    workdir: Path,
-    overlay: Mapping[str, Any] | None = None,
-    *args: str,
-    check: bool = True,
-    timeout: float = 900,
-) -> subprocess.CompletedProcess[str]:
-    """Run the repository's workflow in ``workdir`` with ``overlay`` merged over config.yaml."""
+def snakemake_command(
+    workdir: Path, overlay: Mapping[str, Any] | None = None, *args: str
+) -> list[str]:
+    """The command that runs the repository's workflow in ``workdir`` with ``overlay``
+    merged over config.yaml (the overlay is written to ``workdir/overlay.yaml``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     configfiles = [str(REPO / "config.yaml")]
     if overlay is not None:
         overlay_path = workdir / "overlay.yaml"
         overlay_path.write_text(yaml.safe_dump(dict(overlay), sort_keys=False))
         configfiles.append(str(overlay_path))
-    command = [
+    return [
         str(SNAKEMAKE),
         "--snakefile",
         str(REPO / "Snakefile"),
@@ -76,6 +73,17 @@ def run_snakemake(
         *configfiles,
         *args,
     ]
+
+
+def run_snakemake(
+    workdir: Path,
+    overlay: Mapping[str, Any] | None = None,
+    *args: str,
+    check: bool = True,
+    timeout: float = 900,
+) -> subprocess.CompletedProcess[str]:
+    """Run the repository's workflow in ``workdir`` with ``overlay`` merged over config.yaml."""
+    command = snakemake_command(workdir, overlay, *args)
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline import REPO, SNAKEMAKE, run_snakemake, tiny_overlay
+from pipeline import REPO, SNAKEMAKE, run_snakemake, snakemake_command, tiny_overlay
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -131,23 +131,6 @@ def job_stats(log: str) -> Counter:
 
 def local_rules(log: str) -> Counter:
     return Counter(re.findall(r"^localrule (\w+):", log, re.M))
-
-
-def snakemake_command(workdir: Path, overlay: dict, *args: str) -> list[str]:
-    """The command of pipeline.run_snakemake, for a run that the test kills."""
-    overlay_path = workdir / "overlay.yaml"
-    overlay_path.write_text(yaml.safe_dump(overlay, sort_keys=False))
-    return [
-        str(SNAKEMAKE),
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(REPO / "config.yaml"),
-        str(overlay_path),
-        *args,
-    ]
 
 
 def test_pipeline_through_slurm_and_resume_after_kill(slurm, synthetic_mnist, tmp_path):
