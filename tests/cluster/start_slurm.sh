@@ -25,37 +25,18 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-state="${SPARSEBENCH_SLURM_DIR:-${TMPDIR:-/tmp}/sparsebench-slurm}"
+# shellcheck source=tests/cluster/common.sh
+source "$here/common.sh"  # state, conf, program_of, pid_of
 partition=debug
 gpus="${SPARSEBENCH_SLURM_GPUS:-2}"
 ctld_port="${SPARSEBENCH_SLURM_CTLD_PORT:-6817}"
 slurmd_port="${SPARSEBENCH_SLURM_SLURMD_PORT:-6818}"
-conf="$state/slurm.conf"
 
 log() { echo "start_slurm: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-# The program a pid runs: argv[0]'s basename, looking through `nohup`, which
-# the process still is between fork and exec.
-program_of() {
-    local args
-    mapfile -d '' -t args <"/proc/$1/cmdline" 2>/dev/null || return 1
-    [ "${#args[@]}" -gt 0 ] || return 1
-    if [ "$(basename "${args[0]}")" = nohup ] && [ "${#args[@]}" -gt 1 ]; then
-        basename "${args[1]}"
-    else
-        basename "${args[0]}"
-    fi
-}
-
-# A recorded pid that is alive and still runs the program we started.
-alive() {
-    local name="$1" pid
-    [ -s "$state/pids/$name" ] || return 1
-    pid="$(cat "$state/pids/$name")"
-    kill -0 "$pid" 2>/dev/null || return 1
-    [ "$(program_of "$pid")" = "$name" ]
-}
+# Whether a recorded daemon is alive and still runs the program we started.
+alive() { pid_of "$1" >/dev/null; }
 
 # Start a daemon in the foreground of a background process; record its pid.
 launch() {

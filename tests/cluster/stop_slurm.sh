@@ -6,31 +6,9 @@
 # nothing is running. The state folder is kept (logs) until the next start.
 set -uo pipefail
 
-state="${SPARSEBENCH_SLURM_DIR:-${TMPDIR:-/tmp}/sparsebench-slurm}"
-conf="$state/slurm.conf"
+# shellcheck source=tests/cluster/common.sh
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"  # state, conf, program_of, pid_of
 [ -d "$state/pids" ] || exit 0
-
-# The program a pid runs: argv[0]'s basename, looking through `nohup`.
-program_of() {
-    local args
-    mapfile -d '' -t args <"/proc/$1/cmdline" 2>/dev/null || return 1
-    [ "${#args[@]}" -gt 0 ] || return 1
-    if [ "$(basename "${args[0]}")" = nohup ] && [ "${#args[@]}" -gt 1 ]; then
-        basename "${args[1]}"
-    else
-        basename "${args[0]}"
-    fi
-}
-
-# A recorded pid, if it is alive and still runs the program start_slurm.sh started.
-pid_of() {
-    local name="$1" pid
-    [ -s "$state/pids/$name" ] || return 1
-    pid="$(cat "$state/pids/$name")"
-    kill -0 "$pid" 2>/dev/null || return 1
-    [ "$(program_of "$pid")" = "$name" ] || return 1
-    echo "$pid"
-}
 
 # Jobs still on this cluster (their slurmstepd outlive slurmd otherwise).
 if pid_of slurmctld >/dev/null && command -v squeue >/dev/null; then
