@@ -46,20 +46,25 @@ from sparsebench.regularizers import configuration_entropy as ce
 SHAPES = [(300, 784), (100, 300), (10, 100)]
 
 
-def _eager(w):
-    backend, ce.BACKEND = ce.BACKEND, "eager"
-    try:
-        return ce.configuration_entropy(w)
-    finally:
-        ce.BACKEND = backend
+def _on_backend(backend: str, fn):
+    """``fn`` run with configuration entropy's ``BACKEND`` set to ``backend``."""
+
+    def run(arg):
+        saved, ce.BACKEND = ce.BACKEND, backend
+        try:
+            return fn(arg)
+        finally:
+            ce.BACKEND = saved
+
+    return run
 
 
-def _fused(w):
-    backend, ce.BACKEND = ce.BACKEND, "numba"
-    try:
-        return ce.configuration_entropy(w)
-    finally:
-        ce.BACKEND = backend
+def _per_layer(fn):
+    """A function of one stack ``(K, out, in)`` made one of all layers: the sum over them."""
+    return lambda weights: sum(fn(w) for w in weights)
+
+
+_fused = _on_backend("numba", ce.configuration_entropy)
 
 
 def _fused_serial(w):
@@ -76,23 +81,8 @@ def _floor(w):
     return w.sum((1, 2))
 
 
-def _fused_sum(weights):
-    backend, ce.BACKEND = ce.BACKEND, "numba"
-    try:
-        return ce.configuration_entropy_sum(weights)
-    finally:
-        ce.BACKEND = backend
-
-
-_fused_sum.all_layers = True
-
-
 def _step(fn, weights):
-    if getattr(fn, "all_layers", False):
-        total = fn(weights).sum()
-    else:
-        total = sum(fn(w).sum() for w in weights)
-    return torch.autograd.grad(total, weights)
+    return torch.autograd.grad(fn(weights).sum(), weights)
 
 
 def bench(impls: dict, k: int, rounds: int) -> dict[str, tuple[list[float], list[float]]]:
@@ -149,17 +139,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    impls = {
-        "reference": ce.configuration_entropy_reference,
-        "eager": _eager,
-        "fused": _fused,
-        "fused-sum": _fused_sum,
-        "fused-1t": _fused_serial,
-        "floor": _floor,
+    impls = {  # each a function of all layers' weights, shape (K,)
+        "reference": _per_layer(ce.configuration_entropy_reference),
+        "eager": _per_layer(_on_backend("eager", ce.configuration_entropy)),
+        "fused": _per_layer(_fused),
+        "fused-sum": _on_backend("numba", ce.configuration_entropy_sum),
+        "fused-1t": _per_layer(_fused_serial),
+        "floor": _per_layer(_floor),
     }
     if args.compile:
         eager_value = torch.compile(lambda w: ce._entropy_from_sums(*ce._eager_sums(w)[2:]))
-        impls["compiled"] = eager_value
+        impls["compiled"] = _per_layer(eager_value)
 
     print(
         f"torch {torch.__version__}, numba {getattr(ce.numba, '__version__', 'missing')}, "
