@@ -42,7 +42,7 @@ from sparsebench.config import PruneHparams, TrainHparams
 from sparsebench.data import MNIST_MEAN, MNIST_STD, load_mnist, write_synthetic_mnist
 from sparsebench.models import build_model
 from sparsebench.prune import criterion_scores, sweep_fast, sweep_reference
-from sparsebench.train import train_networks
+from sparsebench.train import evaluate, train_networks
 
 FULL_EPOCH = 60_000
 
@@ -208,9 +208,7 @@ def main() -> None:
             state = torch.load(args.sweep_weights, map_location=device)
             model.load_network_state_dicts([state])
             source = str(args.sweep_weights)
-        with torch.no_grad():
-            correct = (model(data.test.images)[0].argmax(-1) == data.test.labels).sum()
-        accuracy = 100.0 * int(correct) / len(data.test.labels)
+        accuracy = float(evaluate(model, data.test)[1][0])
         scores = criterion_scores("sensitivity", model, data.train, seed=0)
         percentiles = PruneHparams().percentiles()
         step = max(1, len(percentiles) // args.reference_points)
