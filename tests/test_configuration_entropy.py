@@ -106,20 +106,23 @@ def test_fast_equals_reference_float64_and_noncontiguous(backend):
 @pytest.mark.skipif(ce.numba is None, reason="numba not installed")
 @pytest.mark.parametrize("shape", [(3, 17, 33), (2, 1, 5), (2, 40, 3)])
 def test_parallel_kernels_equal_serial_ones(shape):
-    """The row-chunked parallel kernels, for any chunking, equal the serial ones."""
+    """The row-chunked parallel kernels, for any chunking, equal the serial ones; the
+    gradient kernels add to their output."""
     w = _rand(shape, dtype=torch.float32, seed=5).numpy()
     kk = shape[0]
     g = np.arange(1.0, kk + 1, dtype=np.float32)
-    h, sums, out = np.empty(kk, w.dtype), np.empty((2, kk)), np.empty_like(w)
+    h, sums, out = np.empty(kk, w.dtype), np.empty((2, kk)), np.zeros_like(w)
     ce._value_serial(w, shape[1], h, sums)
     ce._grad_serial(w, shape[1], g, sums, out)
     for rows_per_chunk in (1, 2, 3, 7, shape[1]):
-        h2, sums2, out2 = np.empty(kk, w.dtype), np.empty((2, kk)), np.empty_like(w)
+        h2, sums2, out2 = np.empty(kk, w.dtype), np.empty((2, kk)), np.zeros_like(w)
         ce._value_parallel(w, rows_per_chunk, h2, sums2)
         ce._grad_parallel(w, rows_per_chunk, g, sums2, out2)
         np.testing.assert_allclose(h2, h, rtol=1e-6)
         np.testing.assert_allclose(sums2, sums, rtol=1e-5)
         np.testing.assert_allclose(out2, out, rtol=1e-5, atol=1e-6 * np.abs(out).max())
+        ce._grad_parallel(w, rows_per_chunk, g, sums2, out2)  # adds a second time
+        np.testing.assert_allclose(out2, 2 * out, rtol=1e-5, atol=2e-6 * np.abs(out).max())
 
 
 @pytest.mark.parametrize("min_numel", [0, 10**9])
@@ -266,3 +269,50 @@ def test_registered_arms(backend):
     (g,) = torch.autograd.grad(paper.loss_term({"fc1": wg}).sum(), wg)
     _, g_ref, _ = _value_and_grad(ce.configuration_entropy_reference, w)
     torch.testing.assert_close(g, -2 * g_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(ce.numba is None, reason="numba not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_in_place_gradient_adds_the_reference_gradient(monkeypatch, dtype):
+    """add_entropy_gradient returns sum_l H_C and adds scale * dH_C/dW to each .grad."""
+    monkeypatch.setattr(ce, "BACKEND", "auto")
+    w = _rand((3, 17, 33), dtype=dtype, seed=7).requires_grad_()
+    v = _rand((3, 5, 17), dtype=dtype, seed=8).requires_grad_()
+    w.grad = torch.ones_like(w)  # an existing gradient is added to; a missing one created
+    assert ce.in_place_gradient_available([w, v])
+    total = ce.add_entropy_gradient([w, v], scale=-2.0)
+    h_w, g_w, _ = _value_and_grad(ce.configuration_entropy_reference, w)
+    h_v, g_v, _ = _value_and_grad(ce.configuration_entropy_reference, v)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(total, h_w + h_v, **tol)
+    torch.testing.assert_close(w.grad, 1 - 2 * g_w, **tol)
+    torch.testing.assert_close(v.grad, -2 * g_v, **tol)
+
+
+def test_in_place_gradient_only_where_the_fused_kernels_run(monkeypatch):
+    w = _rand((2, 6, 7), dtype=torch.float32).requires_grad_()
+    arm = regs.get("configuration_entropy")(coefficient=1.0)
+    monkeypatch.setattr(ce, "BACKEND", "eager")
+    assert not arm.writes_gradient({"fc1": w})
+    monkeypatch.setattr(ce, "BACKEND", "auto")
+    assert arm.writes_gradient({"fc1": w}) == (ce.numba is not None)
+    assert not regs.get("configuration_entropy")(coefficient=0.0).writes_gradient({"fc1": w})
+    assert not arm.writes_gradient({"fc1": w.detach().clone().view(2, 6, 7, 1)})  # conv: autograd
+    assert not arm.writes_gradient({"fc1": w * 2})  # not a leaf: its .grad is not the weight's
+    assert not regs.get("weight_decay")(coefficient=1e-4).writes_gradient({"fc1": w})
+
+
+@pytest.mark.skipif(ce.numba is None, reason="numba not installed")
+def test_arm_gradient_in_place_equals_its_loss_term_through_autograd(monkeypatch):
+    monkeypatch.setattr(ce, "BACKEND", "auto")
+    layers = {"fc1": _rand((2, 9, 12), seed=9), "fc2": _rand((2, 4, 9), seed=10)}
+    for name in ("configuration_entropy", "configuration_entropy_prose"):
+        arm = regs.get(name)(coefficient=0.5, layers=["fc2", "fc1"])
+        by_autograd = {k: w.clone().requires_grad_() for k, w in layers.items()}
+        term = arm.loss_term(by_autograd)
+        term.sum().backward()
+        in_place = {k: w.clone().requires_grad_() for k, w in layers.items()}
+        assert arm.writes_gradient(in_place)
+        torch.testing.assert_close(arm.add_loss_gradient(in_place), term.detach())
+        for k in layers:
+            torch.testing.assert_close(in_place[k].grad, by_autograd[k].grad)

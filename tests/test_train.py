@@ -11,6 +11,7 @@ from sparsebench import regularizers
 from sparsebench.config import TrainHparams
 from sparsebench.data import Split
 from sparsebench.models import build_model
+from sparsebench.regularizers import configuration_entropy as ce
 from sparsebench.train import NonFiniteLossError, train_networks
 
 DEVICE = torch.device("cpu")
@@ -112,3 +113,29 @@ def test_same_seed_same_numbers() -> None:
     runs = [train_networks("lenet300", [11], [], HPARAMS, TRAIN, TEST, DEVICE)[0] for _ in "ab"]
     for w1, w2 in zip(runs[0].parameters(), runs[1].parameters()):
         assert torch.equal(w1, w2)
+
+
+def test_entropy_gradient_in_place_trains_like_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's in-place path for a closed-form gradient gives autograd's networks."""
+    train, test = (Split(s.images.double(), s.labels) for s in (TRAIN, TEST))
+
+    def run() -> tuple[dict[str, torch.Tensor], list]:
+        regs = [regularizers.build(spec) for spec in ARMS["entropy+wd"]]
+        model, logs = train_networks("lenet300", [0, 1], regs, HPARAMS, train, test, DEVICE)
+        return model.weight_matrices(), logs
+
+    entropy = regularizers.get("configuration_entropy")
+    calls = []
+    original = entropy.add_loss_gradient
+    monkeypatch.setattr(
+        entropy, "add_loss_gradient", lambda self, w: calls.append(1) or original(self, w)
+    )
+    in_place, in_place_logs = run()
+    assert bool(calls) == (ce.numba is not None)  # the in-place path ran where it can
+    monkeypatch.setattr(entropy, "writes_gradient", lambda self, weights: False)
+    autograd, autograd_logs = run()
+    for name, w in in_place.items():
+        torch.testing.assert_close(w, autograd[name], rtol=1e-9, atol=1e-10)
+    for got, expected in zip(in_place_logs[1], autograd_logs[1]):
+        assert got.objective == pytest.approx(expected.objective, rel=1e-12)
+        assert got.regularizer_values == pytest.approx(expected.regularizer_values, rel=1e-12)

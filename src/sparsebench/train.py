@@ -131,6 +131,8 @@ def train_networks(
     keys = regularizer_keys(regularizers)
     k, n, batch = len(seeds), len(train.labels), hparams.batch_size
     logs: list[list[EpochRecord]] = [[] for _ in seeds]
+    # Regularizers with a closed-form gradient add it to .grad after the backward pass.
+    direct = [reg.writes_gradient(model.weight_matrices()) for reg in regularizers]
 
     for epoch in range(1, hparams.epochs + 1):
         started = time.perf_counter()
@@ -153,12 +155,15 @@ def train_networks(
             )
             objective = loss
             weights = model.weight_matrices()
-            for reg in regularizers:
-                term = reg.loss_term(weights)
+            for reg, writes in zip(regularizers, direct):
+                term = None if writes else reg.loss_term(weights)
                 if term is not None:
                     objective = objective + term
             optimizer.zero_grad(set_to_none=True)
             objective.sum().backward()
+            for reg, writes in zip(regularizers, direct):
+                if writes:
+                    objective = objective + reg.add_loss_gradient(weights)
             optimizer.step()
             for reg in regularizers:
                 reg.after_step(model.weight_matrices(), hparams.lr)

@@ -38,7 +38,9 @@ class Regularizer:
     - :meth:`optimizer_weight_decay`: a coupled L2 coefficient handed to the
       optimizer;
     - :meth:`after_step`: an in-place update after every optimizer step (e.g. a
-      proximal operator).
+      proximal operator);
+    - :meth:`writes_gradient` and :meth:`add_loss_gradient`: a closed-form gradient
+      of the loss term added to ``.grad`` directly, instead of through autograd.
 
     ``layers`` restricts the regularizer to the named weight matrices (all of
     them when ``None``). Extra keyword ``options`` are rejected unless the
@@ -93,6 +95,21 @@ class Regularizer:
         if not self.acts_through_loss or self.coefficient == 0.0:
             return None
         return self.coefficient * self.value(weights)
+
+    def writes_gradient(self, weights: Mapping[str, Tensor]) -> bool:
+        """Whether the engine should call :meth:`add_loss_gradient` for these weights
+        instead of putting :meth:`loss_term` through autograd (default: no)."""
+        return False
+
+    def add_loss_gradient(self, weights: Mapping[str, Tensor]) -> Tensor:
+        """Add the gradient of :meth:`loss_term` to each selected weight's ``.grad`` in
+        place and return the term, ``(K,)``, detached.
+
+        Called after the backward pass of the rest of the loss, only where
+        :meth:`writes_gradient` is true. Like the optimizer's coupled weight decay, it
+        spares autograd a node (and a gradient buffer to allocate and sum) per step.
+        """
+        raise NotImplementedError(f"regularizer {self.name!r} acts through autograd only")
 
     def optimizer_weight_decay(self) -> float:
         """Coupled L2 coefficient this regularizer asks the optimizer for."""

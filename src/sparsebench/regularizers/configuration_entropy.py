@@ -254,8 +254,8 @@ if numba is not None:
         the comment above): per row, a vertical pass over five rows of W gives
         ``t1 = V1 W`` and ``t2 = V2 W``, kept as the zero-padded row buffers
         ``q2 = 9 t2 - t1`` (the horizontal taps at +-2), ``t2`` (x60 at +-1) and
-        ``q0 = 2 t1 + 118 t2`` (centre); then a horizontal pass writes
-        ``out = c1 * P_raw - c2 * sign(W)``. P itself is never stored.
+        ``q0 = 2 t1 + 118 t2`` (centre); then a horizontal pass adds
+        ``c1 * P_raw - c2 * sign(W)`` to ``out``. P itself is never stored.
         """
         n, m = w.shape[1], w.shape[2]
         dt = w.dtype
@@ -296,10 +296,10 @@ if numba is not None:
             oq = out[k, i]
             for j in range(1, e):
                 pj = q2[j] + q2[j + 4] + c60 * (t2[j + 1] + t2[j + 3]) + q0[j + 2]
-                oq[j] = c1 * pj - c2 * np.sign(wc[j])
-            oq[0] = c1 * p_first - c2 * np.sign(wc[0])
+                oq[j] += c1 * pj - c2 * np.sign(wc[j])
+            oq[0] += c1 * p_first - c2 * np.sign(wc[0])
             if m > 1:
-                oq[e] = c1 * p_last - c2 * np.sign(wc[e])
+                oq[e] += c1 * p_last - c2 * np.sign(wc[e])
 
     @njit(fastmath=True, cache=True)
     def _finish(s_part, a_part, nchunk, h, sums):  # pragma: no cover - compiled
@@ -346,7 +346,7 @@ if numba is not None:
 
     @njit(parallel=True, fastmath=True, cache=True)
     def _grad_parallel(w, rows_per_chunk, g, sums, out):  # pragma: no cover - compiled
-        """``out[k] = g[k] * dH_C/dW`` from the forward's ``sums``; chunks of rows."""
+        """``out[k] += g[k] * dH_C/dW`` from the forward's ``sums``; chunks of rows."""
         kk, n = w.shape[0], w.shape[1]
         nchunk = (n + rows_per_chunk - 1) // rows_per_chunk
         for t in prange(kk * nchunk):
@@ -400,6 +400,12 @@ def _numba_value(wn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return h, sums
 
 
+def _add_gradient(wn: np.ndarray, g: np.ndarray, sums: np.ndarray, out: np.ndarray) -> None:
+    """``out[k] += g[k] * dH_C/dW[k]`` for the C-contiguous stack ``wn`` and its forward sums."""
+    parallel, rows_per_chunk = _plan(wn)
+    (_grad_parallel if parallel else _grad_serial)(wn, rows_per_chunk, g, sums, out)
+
+
 def _plan(wn: np.ndarray) -> tuple[bool, int]:
     """(parallel?, rows per chunk) for the stack ``wn``."""
     if wn.size < PARALLEL_MIN_NUMEL:
@@ -449,9 +455,8 @@ class _FusedEntropy(torch.autograd.Function):
             if not needed:
                 grads.append(None)
                 continue
-            out = np.empty_like(wn)
-            parallel, rows_per_chunk = _plan(wn)
-            (_grad_parallel if parallel else _grad_serial)(wn, rows_per_chunk, g, s, out)
+            out = np.zeros_like(wn)
+            _add_gradient(wn, g, s, out)
             grads.append(torch.from_numpy(out))
         return tuple(grads)
 
@@ -468,7 +473,7 @@ def _warm_up(dtype: torch.dtype, parallel: bool) -> None:
     compile) only when torch runs more than one thread.
     """
     w = torch.linspace(-1, 1, 12, dtype=dtype).view(1, 3, 4).numpy()
-    out, h, sums = np.empty_like(w), np.empty(1, w.dtype), np.empty((2, 1))
+    out, h, sums = np.zeros_like(w), np.empty(1, w.dtype), np.empty((2, 1))
     value, grad = (_value_parallel, _grad_parallel) if parallel else (_value_serial, _grad_serial)
     torch_threads = torch.get_num_threads()
     try:
@@ -487,20 +492,22 @@ def _numba_usable(w: Tensor) -> bool:
     return w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64)
 
 
-def _fused(ws: list[Tensor]) -> Tensor:
-    dtype = ws[0].dtype
+def _ensure_compiled(dtype: torch.dtype) -> None:
     if (dtype, False) not in _compiled:
         _warm_up(dtype, parallel=False)
     if torch.get_num_threads() > 1 and (dtype, True) not in _compiled:
         _warm_up(dtype, parallel=True)
+
+
+def _fused(ws: list[Tensor]) -> Tensor:
+    _ensure_compiled(ws[0].dtype)
     if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
         return _FusedEntropy.apply(*ws)
     return torch.from_numpy(sum(_numba_value(_as_array(w))[0] for w in ws))
 
 
-def _entropy_sum(ws: list[Tensor]) -> Tensor:
-    """Sum of ``H_C`` over stacks ``(K, out_l, in_l)``: the fused kernels or the eager form."""
-    global _numba_broken
+def _fused_usable(ws: Sequence[Tensor]) -> bool:
+    """Whether the fused kernels take these stacks (the ``BACKEND`` setting included)."""
     if BACKEND not in ("auto", "numba", "eager"):
         raise ValueError(f"BACKEND must be 'auto', 'numba' or 'eager', not {BACKEND!r}")
     usable = all(_numba_usable(w) for w in ws) and len({(w.dtype, w.shape[0]) for w in ws}) == 1
@@ -509,20 +516,68 @@ def _entropy_sum(ws: list[Tensor]) -> Tensor:
             f"BACKEND='numba' but numba cannot run here (numba installed: {numba is not None}; "
             f"devices, dtypes, K: {[(str(w.device), w.dtype, w.shape[0]) for w in ws]})"
         )
-    if usable:
+    return usable
+
+
+def _give_up_numba(err: Exception) -> None:
+    """A JIT that cannot compile or run here: eager from now on, said once, loudly."""
+    global _numba_broken
+    if BACKEND == "numba":
+        raise err
+    _numba_broken = True
+    warnings.warn(
+        f"numba kernel for configuration entropy failed ({err!r}); "
+        "falling back to the eager closed form",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _entropy_sum(ws: list[Tensor]) -> Tensor:
+    """Sum of ``H_C`` over stacks ``(K, out_l, in_l)``: the fused kernels or the eager form."""
+    if _fused_usable(ws):
         try:
             return _fused(ws)
-        except Exception as err:  # a JIT that cannot compile here: fall back, loudly
-            if BACKEND == "numba":
-                raise
-            _numba_broken = True
-            warnings.warn(
-                f"numba kernel for configuration entropy failed ({err!r}); "
-                "falling back to the eager closed form",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        except Exception as err:
+            _give_up_numba(err)
     return _eager(ws[0]) if len(ws) == 1 else torch.stack([_eager(w) for w in ws]).sum(0)
+
+
+def in_place_gradient_available(weights: Sequence[Tensor]) -> bool:
+    """Whether :func:`add_entropy_gradient` can run on these stacks: leaf ``(K, out, in)``
+    tensors that the fused kernels take, compiled (a JIT that fails here falls back to
+    the eager form, with the warning, and this returns False)."""
+    ws = list(weights)
+    if not ws or any(w.dim() != 3 or not w.is_leaf for w in ws) or not _fused_usable(ws):
+        return False
+    try:
+        _ensure_compiled(ws[0].dtype)
+    except Exception as err:
+        _give_up_numba(err)
+        return False
+    return True
+
+
+@torch.no_grad()
+def add_entropy_gradient(weights: Sequence[Tensor], scale: float) -> Tensor:
+    """``sum_l H_C(W_l)``, shape ``(K,)``, and ``W_l.grad += scale * dH_C/dW_l`` in place.
+
+    The closed-form gradient without an autograd node (the training engine's path, after
+    the backward pass of the rest of the loss): no gradient buffer is allocated and
+    nothing is summed by autograd, which costs more than the kernels on small networks.
+    A missing ``.grad`` is created. Needs :func:`in_place_gradient_available`.
+    """
+    total = None
+    for w in weights:
+        if w.grad is None:
+            w.grad = torch.zeros_like(w)
+        elif not w.grad.is_contiguous():
+            w.grad = w.grad.contiguous()
+        wn = _as_array(w)
+        h, sums = _numba_value(wn)
+        _add_gradient(wn, np.full(wn.shape[0], scale, dtype=wn.dtype), sums, w.grad.numpy())
+        total = h if total is None else total + h
+    return torch.from_numpy(total)
 
 
 def configuration_entropy(weight: Tensor) -> Tensor:
@@ -606,3 +661,12 @@ class ConfigurationEntropy(Regularizer):
     def value(self, weights: Mapping[str, Tensor]) -> Tensor:
         selected = [_flatten_conv(w) for w in self.select(weights).values()]
         return self.sign * configuration_entropy_sum(selected)
+
+    def writes_gradient(self, weights: Mapping[str, Tensor]) -> bool:
+        return self.coefficient != 0.0 and in_place_gradient_available(
+            list(self.select(weights).values())
+        )
+
+    def add_loss_gradient(self, weights: Mapping[str, Tensor]) -> Tensor:
+        scale = self.sign * self.coefficient
+        return scale * add_entropy_gradient(list(self.select(weights).values()), scale)
