@@ -45,13 +45,17 @@ float32 or float64 as given:
 
 - :func:`configuration_entropy_reference`: ``F.conv2d`` with the two 3x3
   kernels, differentiated by autograd; the reference for tests and figures.
-- :func:`configuration_entropy`: the one used in training, a
-  ``torch.autograd.Function`` with the closed-form backward. On CPU (float32 /
-  float64) it runs fused numba kernels, one pass over W each: the forward sums
-  ``S`` and ``A`` row by row; the backward recomputes
-  ``P = Cx^T Cx W + Cy^T Cy W`` row by row (a separable-sum 5x5 stencil, see
-  the comment above ``_grad_rows``) and writes ``g * (P / S - sign(W) / A)``
-  directly, so nothing of W's size is kept between the two. Matrices of at
+- :func:`add_entropy_gradient`: what training uses on CPU: the value, and the
+  closed-form gradient added straight into each weight's ``.grad`` after the
+  backward pass of the rest of the loss (no autograd node, no gradient buffer).
+- :func:`configuration_entropy`: a ``torch.autograd.Function`` with the
+  closed-form backward (training's path where the in-place one is not
+  available). On CPU (float32 / float64) both run fused numba kernels, one pass
+  over W each: the value sums ``S`` and ``A`` row by row; the gradient pass
+  recomputes ``P = Cx^T Cx W + Cy^T Cy W`` row by row (a separable-sum 5x5
+  stencil, see the comment above ``_grad_rows``) and adds
+  ``g * (P / S - sign(W) / A)`` to its output directly, so nothing of W's size
+  is kept between the two. Matrices of at
   least ``PARALLEL_MIN_NUMEL`` elements run on torch's thread count (chunks
   of rows), smaller ones serially. The first call per dtype compiles the
   kernels once per installation: about 4 s for the serial ones, 12 s with
