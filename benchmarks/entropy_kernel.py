@@ -12,6 +12,8 @@ and gradient of H_C summed over LeNet300's three weight matrices (300x784,
 - ``fused-sum``: the same kernels, all three layers in one autograd node
   (``configuration_entropy_sum``, what the regularizer's ``value`` uses);
 - ``fused-1t``: the serial numba kernels only, one node per layer;
+- ``in-place``: the same kernels without autograd, the gradient added to each
+  weight's ``.grad`` (``add_entropy_gradient``, what training uses on CPU);
 - ``floor``: ``w.sum((1, 2))``, the same harness with a trivial function (three
   outputs summed, ``autograd.grad``; the gradient an expanded view): the part of
   every row that is not the implementation's own;
@@ -81,26 +83,32 @@ def _floor(w):
     return w.sum((1, 2))
 
 
-def _step(fn, weights):
-    return torch.autograd.grad(fn(weights).sum(), weights)
+def _autograd(fn):
+    """A step of ``fn`` (a function of all layers' weights, shape (K,)): value and
+    gradient by autograd."""
+    return lambda weights: torch.autograd.grad(fn(weights).sum(), weights)
+
+
+def _in_place(weights):
+    return ce.add_entropy_gradient(weights, 1.0)
 
 
 def bench(impls: dict, k: int, rounds: int) -> dict[str, tuple[list[float], list[float]]]:
     """Per implementation: (wall times, process CPU times) of ``rounds`` interleaved steps."""
     gen = torch.Generator().manual_seed(0)
     weights = [(0.05 * torch.randn(k, o, i, generator=gen)).requires_grad_() for o, i in SHAPES]
-    for fn in impls.values():  # warm-up (JIT, allocator)
+    for step in impls.values():  # warm-up (JIT, allocator)
         for _ in range(5):
-            _step(fn, weights)
+            step(weights)
     times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in impls}
     order = random.Random(0)
     names = list(impls)
     for _ in range(rounds):
         order.shuffle(names)  # no implementation always runs after the same one
         for name in names:
-            fn = impls[name]
+            step = impls[name]
             c0, t0 = time.process_time(), time.perf_counter()
-            _step(fn, weights)
+            step(weights)
             t1, c1 = time.perf_counter(), time.process_time()
             times[name][0].append(t1 - t0)
             times[name][1].append(c1 - c0)
@@ -139,17 +147,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    impls = {  # each a function of all layers' weights, shape (K,)
-        "reference": _per_layer(ce.configuration_entropy_reference),
-        "eager": _per_layer(_on_backend("eager", ce.configuration_entropy)),
-        "fused": _per_layer(_fused),
-        "fused-sum": _on_backend("numba", ce.configuration_entropy_sum),
-        "fused-1t": _per_layer(_fused_serial),
-        "floor": _per_layer(_floor),
+    impls = {  # each a value + gradient step on all layers' weights
+        "reference": _autograd(_per_layer(ce.configuration_entropy_reference)),
+        "eager": _autograd(_per_layer(_on_backend("eager", ce.configuration_entropy))),
+        "fused": _autograd(_per_layer(_fused)),
+        "fused-sum": _autograd(_on_backend("numba", ce.configuration_entropy_sum)),
+        "fused-1t": _autograd(_per_layer(_fused_serial)),
+        "in-place": _in_place,
+        "floor": _autograd(_per_layer(_floor)),
     }
     if args.compile:
         eager_value = torch.compile(lambda w: ce._entropy_from_sums(*ce._eager_sums(w)[2:]))
-        impls["compiled"] = _per_layer(eager_value)
+        impls["compiled"] = _autograd(_per_layer(eager_value))
 
     print(
         f"torch {torch.__version__}, numba {getattr(ce.numba, '__version__', 'missing')}, "
