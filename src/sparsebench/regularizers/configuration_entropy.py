@@ -571,15 +571,16 @@ def add_entropy_gradient(weights: Sequence[Tensor], scale: float) -> Tensor:
     nothing is summed by autograd, which costs more than the kernels on small networks.
     A missing ``.grad`` is created. Needs :func:`in_place_gradient_available`.
     """
+    arrays = [_as_array(w) for w in weights]
+    g = np.full(arrays[0].shape[0], scale, dtype=arrays[0].dtype)  # one K and dtype for all
     total = None
-    for w in weights:
+    for w, wn in zip(weights, arrays):
         if w.grad is None:
             w.grad = torch.zeros_like(w)
         elif not w.grad.is_contiguous():
             w.grad = w.grad.contiguous()
-        wn = _as_array(w)
         h, sums = _numba_value(wn)
-        _add_gradient(wn, np.full(wn.shape[0], scale, dtype=wn.dtype), sums, w.grad.numpy())
+        _add_gradient(wn, g, sums, w.grad.numpy())
         total = h if total is None else total + h
     return torch.from_numpy(total)
 
