@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -192,11 +193,11 @@ def test_fast_sweep_equals_reference_on_trained_networks(layer_sizes, criterion)
     assert_same_sweep(fast, sweep_reference(model, scores, percentiles, test), len(test))
 
 
-@numba_only
-@pytest.mark.parametrize("together", [1, 10**9])  # always / never refresh a chunk at once
-def test_numba_sweep_over_chunks_equals_the_torch_path(monkeypatch, together) -> None:
-    model = trained_mlp((20, 16, 12, 6), seed=5)
-    test = clustered_split(900, 20, 6, seed=12)
+def numba_and_torch_hits(monkeypatch, layer_sizes, **settings) -> tuple[np.ndarray, ...]:
+    """Hits per step of the numba path (module settings overridden) and of the torch path,
+    and the numba path's stats, on a trained network of ``layer_sizes``."""
+    model = trained_mlp(layer_sizes, seed=5)
+    test = clustered_split(900, layer_sizes[0], layer_sizes[-1], seed=12)
     scores = criterion_scores("sensitivity", model, test, seed=5)
     names = list(model.weight_matrices())
     weights = [model.layers[n].weight[0].detach() for n in names]
@@ -204,16 +205,49 @@ def test_numba_sweep_over_chunks_equals_the_torch_path(monkeypatch, together) ->
     order = prune.pruning_order(scores)
     removed = removal_counts(sum(w.numel() for w in weights), [i * 0.25 for i in range(401)])
     monkeypatch.setattr(prune, "_SWEEP_CHUNK", 128)  # 8 chunks, the last one padded
-    monkeypatch.setattr(prune, "_SWEEP_TOGETHER", together)
+    for name, value in settings.items():
+        monkeypatch.setattr(prune, name, value)
     stats: dict = {}
     fast = prune._sweep_hits_numba(weights, biases, order, removed, test, stats)
     slow = prune._sweep_hits_torch(weights, biases, order, removed, test)
+    model_hits = int((model(test.images)[0].argmax(-1) == test.labels).sum())
+    return fast, slow, stats, model_hits, len(test) * len(removed)
+
+
+@numba_only
+@pytest.mark.parametrize("together", [1, 10**9])  # always / never refresh a chunk at once
+@pytest.mark.parametrize("segment", [7, 1000])  # the chunks' state carried between calls
+def test_certified_numba_sweep_equals_the_torch_path(monkeypatch, together, segment) -> None:
+    fast, slow, stats, model_hits, total = numba_and_torch_hits(
+        monkeypatch,
+        (20, 16, 12, 6),
+        _SWEEP_TOGETHER=together,
+        _SWEEP_SEGMENT=segment,
+        _SWEEP_EXACT_AT=2.0,  # never switch to the exact tail
+    )
     assert (abs(fast - slow) <= 1).all()  # at most one float tie per step
     assert (fast != slow).sum() <= 4
     # The bound did its job: most predictions were certified, not recomputed ...
-    assert stats["refreshed"].sum() < 0.5 * len(test) * len(removed)
+    assert stats["exact_from"] == len(fast)
+    assert stats["refreshed"].sum() < 0.5 * total
     # ... and the untouched network is exactly the model.
-    assert fast[0] == int((model(test.images)[0].argmax(-1) == test.labels).sum())
+    assert fast[0] == model_hits
+
+
+@numba_only
+@pytest.mark.parametrize("layer_sizes", [(20, 16, 6), (20, 16, 12, 6)])
+@pytest.mark.parametrize("exact_at", [0.0, 1e-9])  # exact from the start / from a segment on
+def test_exact_tail_equals_the_torch_path(monkeypatch, layer_sizes, exact_at) -> None:
+    fast, slow, stats, model_hits, _ = numba_and_torch_hits(
+        monkeypatch, layer_sizes, _SWEEP_SEGMENT=24, _SWEEP_EXACT_AT=exact_at
+    )
+    if exact_at == 0.0:
+        assert stats["exact_from"] == 0
+    else:  # the first segment with a refresh ends the certified part
+        assert 0 < stats["exact_from"] < len(fast) and stats["exact_from"] % 24 == 0
+    assert (abs(fast - slow) <= 1).all()
+    assert (fast != slow).sum() <= 4
+    assert fast[0] == model_hits
 
 
 @numba_only

@@ -13,8 +13,10 @@ training set (the paper's), ``magnitude`` |w| and ``random`` (baselines).
 Two implementations give the same sweep: :func:`sweep_reference` evaluates each
 pruned network from scratch; :func:`sweep_fast` walks the percentiles in order,
 updates the first layer's pre-activations incrementally as its weights drop out
-(it holds most of the weights) and re-evaluates the layers above it only for the
-samples whose prediction a cheap bound cannot certify (see "The fast sweep" below).
+(it holds most of the weights), re-evaluates the layers above it only for the samples
+whose prediction a cheap bound cannot certify while few need it, and from then on
+updates the next layer for all samples with one matrix product per percentile (see
+"The fast sweep" below).
 """
 
 from __future__ import annotations
@@ -165,9 +167,15 @@ def sweep_reference(
 # passes. Predictions are thus those of the pruned network at every percentile, up to float
 # rounding (near ties, within a relative 2e-5, are always refreshed).
 #
-# The CPU path is numba (chunks of samples in parallel, each chunk walking all the steps);
-# without numba, on other devices and for other dtypes, a torch path updates z1 incrementally
-# and re-evaluates the head at every step.
+# The exact tail. Once a share ``_SWEEP_EXACT_AT`` of the predictions needs a refresh at every
+# step (high sparsity, small margins; for a random order, almost at once), certifying costs
+# more than recomputing: from the end of that segment of steps on, ``z2`` is kept exact for
+# every sample, ``z2 += W2[:, rows] (relu(z1[rows]) - previous)`` over the units each step
+# moved, one BLAS matrix product per step, and the small layers above are re-evaluated.
+#
+# The CPU path is numba (chunks of samples in parallel, each chunk walking a segment of steps
+# per call) with torch's BLAS for the exact tail; without numba, on other devices and for
+# other dtypes, a torch path updates z1 incrementally and re-evaluates the head at every step.
 
 try:
     import numba
@@ -178,6 +186,8 @@ except ImportError:  # pragma: no cover - numba is a dependency; keep the fallba
 _SWEEP_CHUNK = 512  # samples per chunk (the parallel unit)
 _SWEEP_BLOCK = 16  # steps per block: the bound v is recomputed per block
 _SWEEP_TOGETHER = _SWEEP_CHUNK // 8  # from this many refreshes in a chunk, refresh it all
+_SWEEP_SEGMENT = 32  # steps per call of the certified kernels (the exact tail may start after)
+_SWEEP_EXACT_AT = 0.05  # from this share of predictions refreshed per step: the exact tail
 _numba_sweep_broken = False
 
 
@@ -572,6 +582,8 @@ if numba is not None:
 
     @njit(cache=True)
     def _nb_chunk(
+        s_begin,
+        s_end,
         x,
         z1,
         z2,
@@ -584,18 +596,22 @@ if numba is not None:
         bound,
         block_of,
         together_at,
+        state,
         hits_out,
         refreshed_out,
     ):  # pragma: no cover - compiled
-        """Every step for one chunk of samples: hits (and refreshes) per step.
+        """Steps ``s_begin`` to ``s_end - 1`` for one chunk of samples: hits (and refreshes)
+        per step.
 
         ``head``: the layers above the first, ``(w2t, wr, bias, w_off, dims, z_off)`` (this
         chunk's own copies of the weights, which its head drops zero); ``first_drops`` and
         ``head_drops``: the schedule of :func:`_sweep_schedule` for the first layer and for
-        the head.
+        the head; ``state``: what the chunk carries from one call to the next (see
+        :func:`_chunk_state`), set up by the call that starts at step 0.
         """
         dims, z_off = head[4], head[5]
-        g_ptr, h_ptr = first_drops[0], head_drops[0]
+        h_ptr = head_drops[0]
+        ref, slack_a, slack_b, top, margin, tol, last, lastchg, block_now = state
         zero = np.float32(0.0)
         d1, columns = z1.shape
         heads = dims.size - 1
@@ -607,28 +623,21 @@ if numba is not None:
         widest = 1
         for h in range(1, dims.size):
             widest = max(widest, dims[h])
-        ref = np.empty_like(z1)
-        for i in range(d1):
-            for n in range(columns):
-                a = z1[i, n]
-                ref[i, n] = a if a > zero else zero
         col_a = np.empty(widest, dtype=np.float32)
         col_b = np.empty(widest, dtype=np.float32)
         change = np.empty(columns, dtype=np.float32)
         act = np.empty((widest, columns), dtype=np.float32)
         out = np.empty(columns, dtype=np.float32)
-        slack_a = np.zeros(columns, dtype=np.float32)  # first-layer moves since the refresh
-        slack_b = np.zeros(columns, dtype=np.float32)  # head drops since the refresh
-        top = np.zeros(columns, dtype=np.int64)
-        margin = np.zeros(columns, dtype=np.float32)
-        tol = np.zeros(columns, dtype=np.float32)
-        last = np.full(columns, -1, dtype=np.int64)
-        lastchg = np.full(d1, -1, dtype=np.int64)
         need = np.zeros(columns, dtype=np.bool_)
-        _nb_margins(logits, lo, classes, nvalid, top, margin, tol)
-        block = -1
-        v = bound[0]
-        for s in range(g_ptr.size - 1):
+        if s_begin == 0:
+            for i in range(d1):
+                for n in range(columns):
+                    a = z1[i, n]
+                    ref[i, n] = a if a > zero else zero
+            _nb_margins(logits, lo, classes, nvalid, top, margin, tol)
+        block = block_now[0]
+        v = bound[max(block, 0)]
+        for s in range(s_begin, s_end):
             short = True  # whether only this step's rows can have moved since step s - 1
             if block_of[s] != block:
                 if block >= 0:  # a unit that comes back to life may hold a stale ref
@@ -692,9 +701,12 @@ if numba is not None:
                     hits += 1
             hits_out[s] = hits
             refreshed_out[s] = count
+        block_now[0] = block
 
     @njit(cache=True, parallel=True)
     def _nb_sweep(
+        s_begin,
+        s_end,
         xb,
         z1b,
         z2b,
@@ -707,28 +719,100 @@ if numba is not None:
         bound,
         block_of,
         together_at,
+        states,
         hits,
         refreshed,
     ):  # pragma: no cover - compiled
-        w2t, wr, bias, w_off, dims, z_off = head
+        w2tb, wrb, bias, w_off, dims, z_off = head
+        ref, slack_a, slack_b, top, margin, tol, last, lastchg, block_now = states
         for c in prange(xb.shape[0]):
-            own = (w2t.copy(), wr.copy(), bias, w_off, dims, z_off)  # head drops zero these
             _nb_chunk(
+                s_begin,
+                s_end,
                 xb[c],
                 z1b[c],
                 z2b[c],
                 hzb[c],
                 lb[c],
                 nvalid[c],
-                own,
+                (w2tb[c], wrb[c], bias, w_off, dims, z_off),
                 first_drops,
                 head_drops,
                 bound,
                 block_of,
                 together_at,
+                (
+                    ref[c],
+                    slack_a[c],
+                    slack_b[c],
+                    top[c],
+                    margin[c],
+                    tol[c],
+                    last[c],
+                    lastchg[c],
+                    block_now[c],
+                ),
                 hits[c],
                 refreshed[c],
             )
+
+    @njit(cache=True, parallel=True, fastmath=_FM)
+    def _nb_exact_step(s, xb, z1b, deltab, z2b, head, first_drops, head_drops):  # pragma: no cover
+        """Step ``s`` of the exact tail: its head drops zeroed in ``head`` (the flat head
+        weights, ``(wr, w_off, dims)``), with ``z2 -= w_ri relu(z1[i])`` for those of the first
+        head layer; then, every chunk in parallel, the first layer's drops on ``z1`` and the
+        change of each touched unit's relu into ``delta`` (one row per unit, in schedule
+        order). ``z2 += W2[:, rows] delta`` (with the pruned ``W2``) is left to the caller."""
+        g_ptr, g_row, g_start, d_col, d_val = first_drops
+        h_ptr, h_layer, h_row, h_col, h_val, _ = head_drops
+        wr, w_off, dims = head
+        zero = np.float32(0.0)
+        columns = z1b.shape[2]
+        for d in range(h_ptr[s], h_ptr[s + 1]):
+            h = h_layer[d]
+            wr[w_off[h] + h_row[d] * dims[h] + h_col[d]] = zero
+        for c in prange(z1b.shape[0]):
+            x, z1, delta, z2 = xb[c], z1b[c], deltab[c], z2b[c]
+            for d in range(h_ptr[s], h_ptr[s + 1]):
+                if h_layer[d] != 0:
+                    continue
+                r, i, w = h_row[d], h_col[d], h_val[d]
+                for n in range(columns):
+                    a = z1[i, n]
+                    z2[r, n] -= w * (a if a > zero else zero)
+            for g in range(g_ptr[s], g_ptr[s + 1]):
+                i, q = g_row[g], g - g_ptr[s]
+                for n in range(columns):
+                    a = z1[i, n]
+                    delta[q, n] = a if a > zero else zero
+                d, end = g_start[g], g_start[g + 1]
+                while d < end:  # up to three drops a pass over the row
+                    ja, wa = d_col[d], d_val[d]
+                    jb, wb, jc, wc = ja, zero, ja, zero
+                    if d + 1 < end:
+                        jb, wb = d_col[d + 1], d_val[d + 1]
+                    if d + 2 < end:
+                        jc, wc = d_col[d + 2], d_val[d + 2]
+                    for n in range(columns):
+                        z1[i, n] -= wa * x[ja, n] + wb * x[jb, n] + wc * x[jc, n]
+                    d += 3
+                for n in range(columns):
+                    a = z1[i, n]
+                    delta[q, n] = (a if a > zero else zero) - delta[q, n]
+
+    @njit(cache=True)
+    def _nb_hits(logits, labels):  # pragma: no cover - compiled
+        """How many columns of ``logits`` (chunks x classes x samples) put their first
+        maximum at the label."""
+        hits = 0
+        for c in range(logits.shape[0]):
+            for n in range(logits.shape[2]):
+                best, top = logits[c, 0, n], 0
+                for k in range(1, logits.shape[1]):
+                    if logits[c, k, n] > best:
+                        best, top = logits[c, k, n], k
+                hits += top == labels[c, n]
+        return hits
 
 
 def _numba_threads() -> int:
@@ -797,35 +881,146 @@ def _sweep_hits_numba(
     def by_chunk(t: Tensor) -> np.ndarray:
         return t.view(chunks, chunk, -1).transpose(1, 2).contiguous().numpy()
 
+    xb, z1b = by_chunk(padded), by_chunk(z1)
+    z2b, hzb = by_chunk(outs[0]), by_chunk(torch.cat(outs, dim=1))
     labels = np.full(chunks * chunk, -1, dtype=np.int64)
     labels[:n] = test.labels.cpu().numpy()
     nvalid = np.minimum(chunk, n - np.arange(chunks) * chunk).astype(np.int64)
+    first_drops = tuple(sched[k] for k in ("g_ptr", "g_row", "g_start", "d_col", "d_val"))
+    head_drops = (sched["h_ptr"], h_layer, h_row, h_col, h_val, h_coef)
+    own_head = (  # every chunk's own copies of the head weights, which its head drops zero
+        np.repeat(w2t[None], chunks, axis=0),
+        np.repeat(wr[None], chunks, axis=0),
+        bias,
+        w_off,
+        dims,
+        z_off,
+    )
+    states = _chunk_states(chunks, chunk, int(dims[0]))
     hits = np.zeros((chunks, steps), dtype=np.int64)
     refreshed = np.zeros((chunks, steps), dtype=np.int64)
     previous = numba.get_num_threads()
     numba.set_num_threads(_numba_threads())
+    step, share = 0, 0.0
     try:
-        _nb_sweep(
-            by_chunk(padded),
-            by_chunk(z1),
-            by_chunk(outs[0]),
-            by_chunk(torch.cat(outs, dim=1)),
-            labels.reshape(chunks, chunk),
-            nvalid,
-            (w2t, wr, bias, w_off, dims, z_off),
-            tuple(sched[k] for k in ("g_ptr", "g_row", "g_start", "d_col", "d_val")),
-            (sched["h_ptr"], h_layer, h_row, h_col, h_val, h_coef),
-            bound,
-            block_of,
-            _SWEEP_TOGETHER,
-            hits,
-            refreshed,
-        )
+        while step < steps and share < _SWEEP_EXACT_AT:
+            end = min(steps, step + _SWEEP_SEGMENT)
+            _nb_sweep(
+                step,
+                end,
+                xb,
+                z1b,
+                z2b,
+                hzb,
+                labels.reshape(chunks, chunk),
+                nvalid,
+                own_head,
+                first_drops,
+                head_drops,
+                bound,
+                block_of,
+                _SWEEP_TOGETHER,
+                states,
+                hits,
+                refreshed,
+            )
+            share = refreshed[:, step:end].sum() / (n * (end - step))
+            step = end
+        hits_total = hits.sum(0)
+        if step < steps:
+            hits_total[step:] = _exact_tail(
+                step,
+                steps,
+                sched,
+                weights,
+                biases,
+                xb,
+                z1b,
+                labels.reshape(chunks, chunk),
+                first_drops,
+                head_drops,
+            )
+            refreshed[0, step:] = n
     finally:
         numba.set_num_threads(previous)
     if stats is not None:
         stats["refreshed"] = refreshed.sum(0)
-    return hits.sum(0)
+        stats["exact_from"] = step
+    return hits_total
+
+
+def _chunk_states(chunks: int, chunk: int, units: int) -> tuple[np.ndarray, ...]:
+    """What each chunk of the certified sweep carries from one segment of steps to the next:
+    ``ref``, the two slacks, the stored prediction with its lead and float tolerance, the step
+    of each sample's last refresh, of each unit's last change, and the current block."""
+    return (
+        np.zeros((chunks, units, chunk), dtype=np.float32),
+        np.zeros((chunks, chunk), dtype=np.float32),
+        np.zeros((chunks, chunk), dtype=np.float32),
+        np.zeros((chunks, chunk), dtype=np.int64),
+        np.zeros((chunks, chunk), dtype=np.float32),
+        np.zeros((chunks, chunk), dtype=np.float32),
+        np.full((chunks, chunk), -1, dtype=np.int64),
+        np.full((chunks, units), -1, dtype=np.int64),
+        np.full((chunks, 1), -1, dtype=np.int64),
+    )
+
+
+def _exact_tail(
+    begin: int,
+    steps: int,
+    sched: dict[str, np.ndarray],
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor],
+    xb: np.ndarray,
+    z1b: np.ndarray,
+    labels: np.ndarray,
+    first_drops: tuple[np.ndarray, ...],
+    head_drops: tuple[np.ndarray, ...],
+) -> np.ndarray:
+    """Hits at steps ``begin`` onwards, every prediction recomputed at every step.
+
+    For the late steps, where most predictions need a refresh anyway: the first head layer's
+    pre-activations (all samples) are brought from the first layer's state after step
+    ``begin - 1`` (``z1b``) once, then follow each step's moved units with one matrix product
+    ``z2 += W2[:, rows] delta`` (BLAS, not numba loops); the small layers above are
+    re-evaluated.
+    """
+    chunks, units, chunk = z1b.shape
+    alive = torch.from_numpy(sched["drop_step"][sched["starts"][1] :] >= begin)
+    flat = torch.cat([w.detach().cpu().flatten() for w in weights[1:]]) * alive
+    sizes = [w.numel() for w in weights[1:]]
+    head = [w.view(v.shape) for w, v in zip(flat.split(sizes), weights[1:])]
+    dims = np.array([units] + [w.shape[0] for w in head], dtype=np.int64)
+    w_off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    up = [b.detach().cpu().view(1, -1, 1) for b in biases[1:]]
+    z2 = torch.matmul(head[0], torch.relu(torch.from_numpy(z1b))) + up[0]
+    delta = torch.empty(chunks, units, chunk)
+    acts = [torch.empty(chunks, w.shape[1], chunk) for w in head[1:]]  # reused every step
+    outs = [torch.empty(chunks, w.shape[0], chunk) for w in head[1:]]
+    g_ptr, g_row = first_drops[0], first_drops[1]
+    hits = np.zeros(steps - begin, dtype=np.int64)
+    for s in range(begin, steps):
+        _nb_exact_step(
+            s,
+            xb,
+            z1b,
+            delta.numpy(),
+            z2.numpy(),
+            (flat.numpy(), w_off, dims),
+            first_drops,
+            head_drops,
+        )
+        moved = g_ptr[s + 1] - g_ptr[s]
+        if moved:
+            rows = torch.from_numpy(g_row[g_ptr[s] : g_ptr[s + 1]])
+            z2.baddbmm_(head[0][:, rows].expand(chunks, -1, -1), delta[:, :moved])
+        logits = z2
+        for w, b, act, out in zip(head[1:], up[1:], acts, outs):
+            torch.matmul(w, torch.clamp(logits, min=0.0, out=act), out=out).add_(b)
+            logits = out
+        hits[s - begin] = _nb_hits(logits.numpy(), labels)
+    return hits
 
 
 def _sweep_hits_torch(
@@ -877,8 +1072,9 @@ def sweep_fast(
 
     On CPU with float32 tensors, two or more layers and numba available, the certified lazy
     refresh of the layers above the first (see "The fast sweep" above) runs in parallel over
-    chunks of samples; otherwise (CUDA, float64, one layer, no numba) the torch path updates
-    the first layer incrementally and re-evaluates the layers above at every percentile.
+    chunks of samples, then the exact tail; otherwise (CUDA, float64, one layer, no numba)
+    the torch path updates the first layer incrementally and re-evaluates the layers above
+    at every percentile.
     Percentiles may come in any order; kept counts are exact, accuracies equal the
     reference's up to float rounding.
     """
