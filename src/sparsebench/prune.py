@@ -756,6 +756,32 @@ if numba is not None:
                 refreshed[c],
             )
 
+    @njit(cache=True, fastmath=_FM)
+    def _nb_exact_row(z1, x, delta, i, q, ja, wa, jb, wb, jc, wc, first, last):  # pragma: no cover
+        """``z1[i] -= wa x[ja] + wb x[jb] + wc x[jc]``, one pass over the row; the first pass
+        of a step keeps the old relu in ``delta[q]``, the last leaves the change there."""
+        zero = np.float32(0.0)
+        columns = z1.shape[1]
+        if first and last:
+            for n in range(columns):
+                old = z1[i, n]
+                new = old - (wa * x[ja, n] + wb * x[jb, n] + wc * x[jc, n])
+                z1[i, n] = new
+                delta[q, n] = (new if new > zero else zero) - (old if old > zero else zero)
+        elif first:
+            for n in range(columns):
+                old = z1[i, n]
+                z1[i, n] = old - (wa * x[ja, n] + wb * x[jb, n] + wc * x[jc, n])
+                delta[q, n] = old if old > zero else zero
+        elif last:
+            for n in range(columns):
+                new = z1[i, n] - (wa * x[ja, n] + wb * x[jb, n] + wc * x[jc, n])
+                z1[i, n] = new
+                delta[q, n] = (new if new > zero else zero) - delta[q, n]
+        else:
+            for n in range(columns):
+                z1[i, n] -= wa * x[ja, n] + wb * x[jb, n] + wc * x[jc, n]
+
     @njit(cache=True, parallel=True, fastmath=_FM)
     def _nb_exact_step(s, xb, z1b, deltab, z2b, head, first_drops, head_drops):  # pragma: no cover
         """Step ``s`` of the exact tail: its head drops zeroed in ``head`` (the flat head
@@ -782,10 +808,8 @@ if numba is not None:
                     z2[r, n] -= w * (a if a > zero else zero)
             for g in range(g_ptr[s], g_ptr[s + 1]):
                 i, q = g_row[g], g - g_ptr[s]
-                for n in range(columns):
-                    a = z1[i, n]
-                    delta[q, n] = a if a > zero else zero
-                d, end = g_start[g], g_start[g + 1]
+                first, end = g_start[g], g_start[g + 1]
+                d = first
                 while d < end:  # up to three drops a pass over the row
                     ja, wa = d_col[d], d_val[d]
                     jb, wb, jc, wc = ja, zero, ja, zero
@@ -793,12 +817,10 @@ if numba is not None:
                         jb, wb = d_col[d + 1], d_val[d + 1]
                     if d + 2 < end:
                         jc, wc = d_col[d + 2], d_val[d + 2]
-                    for n in range(columns):
-                        z1[i, n] -= wa * x[ja, n] + wb * x[jb, n] + wc * x[jc, n]
+                    _nb_exact_row(
+                        z1, x, delta, i, q, ja, wa, jb, wb, jc, wc, d == first, d + 3 >= end
+                    )
                     d += 3
-                for n in range(columns):
-                    a = z1[i, n]
-                    delta[q, n] = (a if a > zero else zero) - delta[q, n]
 
     @njit(cache=True)
     def _nb_hits(logits, labels):  # pragma: no cover - compiled
@@ -813,6 +835,32 @@ if numba is not None:
                         best, top = logits[c, k, n], k
                 hits += top == labels[c, n]
         return hits
+
+    @njit(cache=True, parallel=True, fastmath=_FM)
+    def _nb_output_hits(hidden, w, b, labels):  # pragma: no cover - compiled
+        """Hits of the output layer ``w relu(hidden) + b`` (``hidden``: chunks x units x
+        samples), its logits computed chunk by chunk and never stored."""
+        zero = np.float32(0.0)
+        chunks, units, columns = hidden.shape
+        classes = w.shape[0]
+        hits = np.zeros(chunks, dtype=np.int64)
+        for c in prange(chunks):
+            logits = np.empty((1, classes, columns), dtype=np.float32)
+            for r in range(classes):
+                for n in range(columns):
+                    logits[0, r, n] = b[r]
+            act = np.empty(columns, dtype=np.float32)
+            for k in range(units):
+                for n in range(columns):
+                    a = hidden[c, k, n]
+                    act[n] = a if a > zero else zero
+                for r in range(classes):
+                    wk = w[r, k]
+                    if wk != zero:
+                        for n in range(columns):
+                            logits[0, r, n] += wk * act[n]
+            hits[c] = _nb_hits(logits, labels[c : c + 1])
+        return hits.sum()
 
 
 def _numba_threads() -> int:
@@ -996,8 +1044,9 @@ def _exact_tail(
     up = [b.detach().cpu().view(1, -1, 1) for b in biases[1:]]
     z2 = torch.matmul(head[0], torch.relu(torch.from_numpy(z1b))) + up[0]
     delta = torch.empty(chunks, units, chunk)
-    acts = [torch.empty(chunks, w.shape[1], chunk) for w in head[1:]]  # reused every step
-    outs = [torch.empty(chunks, w.shape[0], chunk) for w in head[1:]]
+    acts = [torch.empty(chunks, w.shape[1], chunk) for w in head[1:-1]]  # reused every step
+    outs = [torch.empty(chunks, w.shape[0], chunk) for w in head[1:-1]]
+    output, last_bias = head[-1].numpy(), biases[-1].detach().cpu().numpy()
     g_ptr, g_row = first_drops[0], first_drops[1]
     hits = np.zeros(steps - begin, dtype=np.int64)
     for s in range(begin, steps):
@@ -1015,11 +1064,14 @@ def _exact_tail(
         if moved:
             rows = torch.from_numpy(g_row[g_ptr[s] : g_ptr[s + 1]])
             z2.baddbmm_(head[0][:, rows].expand(chunks, -1, -1), delta[:, :moved])
-        logits = z2
-        for w, b, act, out in zip(head[1:], up[1:], acts, outs):
-            torch.matmul(w, torch.clamp(logits, min=0.0, out=act), out=out).add_(b)
-            logits = out
-        hits[s - begin] = _nb_hits(logits.numpy(), labels)
+        hidden = z2
+        for w, b, act, out in zip(head[1:-1], up[1:-1], acts, outs):
+            torch.matmul(w, torch.clamp(hidden, min=0.0, out=act), out=out).add_(b)
+            hidden = out
+        if len(head) == 1:  # z2 are the logits
+            hits[s - begin] = _nb_hits(z2.numpy(), labels)
+        else:
+            hits[s - begin] = _nb_output_hits(hidden.numpy(), output, last_bias, labels)
     return hits
 
 
