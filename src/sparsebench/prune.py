@@ -159,8 +159,9 @@ def sweep_reference(
 # head weights at the start of each block of steps, valid for the sparser heads that follow;
 # the second sum covers the hidden-layer drops since the refresh, with coefficients from the
 # unpruned weights). Each sample carries this "slack", updated as rows of z1 and head weights
-# change. While it stays below the lead of the predicted class over the runner-up, the stored
-# prediction is certainly the pruned network's; otherwise the sample is refreshed: ``z2`` gets
+# change. While it stays below the lead of the predicted class over the runner-up (over the
+# label when the prediction is wrong: what counts is whether the label wins), the stored hit or
+# miss is certainly the pruned network's; otherwise the sample is refreshed: ``z2`` gets
 # ``W2[:, i] (relu(z1_i) - ref_i)`` for the units that moved since its last refresh (lazy and
 # sparse), the layers above are recomputed, ``ref`` takes the current values. When many samples
 # of a chunk need it (low margins, high sparsity), the whole chunk is refreshed together in row
@@ -400,8 +401,16 @@ if numba is not None:
         return changed
 
     @njit(cache=True)
-    def _nb_margins(logits, lo, classes, nvalid, top, margin, tol):  # pragma: no cover
-        """Per sample: the predicted class (first maximum), its lead, a float tolerance."""
+    def _nb_lead(best, second, top, label, at_label):  # pragma: no cover - compiled
+        """What the slack must stay below for the sample's hit or miss to stand: a right
+        prediction's lead over the runner-up; a wrong one's lead over the label (it may turn
+        into another wrong one, which leaves the accuracy as it is)."""
+        return best - second if top == label else best - at_label
+
+    @njit(cache=True)
+    def _nb_margins(logits, lo, classes, nvalid, labels, top, margin, tol):  # pragma: no cover
+        """Per sample: the predicted class (first maximum), the lead to certify (see
+        :func:`_nb_lead`), a float tolerance."""
         best = np.empty(nvalid, dtype=np.float32)
         second = np.full(nvalid, -np.inf, dtype=np.float32)
         for n in range(nvalid):
@@ -417,7 +426,7 @@ if numba is not None:
                 elif a > second[n]:
                     second[n] = a
         for n in range(nvalid):
-            margin[n] = best[n] - second[n]
+            margin[n] = _nb_lead(best[n], second[n], top[n], labels[n], logits[lo + labels[n], n])
             tol[n] = np.float32(2e-5) * (np.float32(1.0) + abs(best[n]))
 
     @njit(cache=True, fastmath=_FM_DOT)
@@ -436,6 +445,7 @@ if numba is not None:
         v,
         col_a,
         col_b,
+        labels,
         top,
         margin,
         tol,
@@ -515,7 +525,7 @@ if numba is not None:
             elif a > second:
                 second = a
         top[n] = t
-        margin[n] = best - second
+        margin[n] = _nb_lead(best, second, t, labels[n], cur[labels[n]])
         tol[n] = np.float32(2e-5) * (np.float32(1.0) + abs(best))
         last[n] = s
 
@@ -634,7 +644,7 @@ if numba is not None:
                 for n in range(columns):
                     a = z1[i, n]
                     ref[i, n] = a if a > zero else zero
-            _nb_margins(logits, lo, classes, nvalid, top, margin, tol)
+            _nb_margins(logits, lo, classes, nvalid, labels, top, margin, tol)
         block = block_now[0]
         v = bound[max(block, 0)]
         for s in range(s_begin, s_end):
@@ -652,7 +662,7 @@ if numba is not None:
             if h_ptr[s + 1] > h_ptr[s] and _nb_head_drops(
                 s, ref, z2, hz, slack_b, head, head_drops
             ):
-                _nb_margins(logits, lo, classes, nvalid, top, margin, tol)
+                _nb_margins(logits, lo, classes, nvalid, labels, top, margin, tol)
             count = 0
             since = s
             for n in range(nvalid):
@@ -671,7 +681,7 @@ if numba is not None:
                     last[n] = s
                     slack_a[n] = zero
                     slack_b[n] = zero
-                _nb_margins(logits, lo, classes, nvalid, top, margin, tol)
+                _nb_margins(logits, lo, classes, nvalid, labels, top, margin, tol)
             for n in range(nvalid):
                 if need[n]:
                     _nb_refresh_one(
@@ -689,6 +699,7 @@ if numba is not None:
                         v,
                         col_a,
                         col_b,
+                        labels,
                         top,
                         margin,
                         tol,
