@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing
 import os
 import signal
@@ -359,3 +360,20 @@ def test_a_killed_holder_frees_its_gpu(tmp_path):
     proc.join(10)
     with claim_device("cuda", lock_dir=tmp_path, device_count=1, timeout=5) as device:
         assert device.index == 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba is not installed")
+def test_numba_threads_follow_torch_and_leave_its_count_alone() -> None:
+    # numba's first launch in a process resets OpenMP's thread count, which torch shares:
+    # in a fresh interpreter, a one-thread job must stay at one thread through it.
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "import numba\n"
+        "from sparsebench.devices import numba_threads_like_torch\n"
+        "with numba_threads_like_torch() as threads:\n"
+        "    inside = (threads, numba.get_num_threads(), torch.get_num_threads())\n"
+        "print(inside, torch.get_num_threads())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(1, 1, 1) 1"

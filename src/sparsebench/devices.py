@@ -53,6 +53,7 @@ __all__ = [
     "claim_device",
     "default_lock_dir",
     "device_type",
+    "numba_threads_like_torch",
     "resolve_device",
 ]
 
@@ -284,3 +285,26 @@ def claim_device(
             )
             told = True
         time.sleep(poll_interval)
+
+
+@contextlib.contextmanager
+def numba_threads_like_torch() -> Iterator[int]:
+    """Run numba's parallel code with torch's thread count, and leave torch's count as it was.
+
+    numba's OpenMP layer shares torch's libgomp, and its launch (the first parallel call or
+    thread query in a process) sets OpenMP's thread count, which torch then reads back as its
+    own: a job told to use one thread would silently use every core, and two such jobs on two
+    cores would fight over them. Yields the count.
+    """
+    import numba
+    import torch
+
+    threads = torch.get_num_threads()
+    previous = numba.get_num_threads()  # launches numba's threading layer if not yet done
+    torch.set_num_threads(threads)
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield threads
+    finally:
+        numba.set_num_threads(previous)
+        torch.set_num_threads(threads)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsebench.data import Split
+from sparsebench.devices import numba_threads_like_torch
 from sparsebench.models import StackedMLP
 
 Scores = dict[str, Tensor]  # layer name -> score per weight, shaped like the weight matrix
@@ -874,11 +875,6 @@ if numba is not None:
         return hits.sum()
 
 
-def _numba_threads() -> int:
-    """Numba threads to use: torch's setting, within numba's pool."""
-    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-
-
 def _drop_coefficients(head: Sequence[Tensor]) -> list[np.ndarray]:
     """Per head layer below the output and per unit r of it: how far a unit change of that
     unit's pre-activation can move any logit difference, whatever is pruned later:
@@ -958,10 +954,8 @@ def _sweep_hits_numba(
     states = _chunk_states(chunks, chunk, int(dims[0]))
     hits = np.zeros((chunks, steps), dtype=np.int64)
     refreshed = np.zeros((chunks, steps), dtype=np.int64)
-    previous = numba.get_num_threads()
-    numba.set_num_threads(_numba_threads())
     step, share = 0, 0.0
-    try:
+    with numba_threads_like_torch():
         while step < steps and share < _SWEEP_EXACT_AT:
             end = min(steps, step + _SWEEP_SEGMENT)
             _nb_sweep(
@@ -1000,8 +994,6 @@ def _sweep_hits_numba(
                 head_drops,
             )
             refreshed[0, step:] = n
-    finally:
-        numba.set_num_threads(previous)
     if stats is not None:
         stats["refreshed"] = refreshed.sum(0)
         stats["exact_from"] = step

@@ -83,6 +83,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from sparsebench.devices import numba_threads_like_torch
 from sparsebench.regularizers.base import Regularizer, register
 
 EPS = 1e-18
@@ -479,12 +480,9 @@ def _warm_up(dtype: torch.dtype, parallel: bool) -> None:
     w = torch.linspace(-1, 1, 12, dtype=dtype).view(1, 3, 4).numpy()
     out, h, sums = np.zeros_like(w), np.empty(1, w.dtype), np.empty((2, 1))
     value, grad = (_value_parallel, _grad_parallel) if parallel else (_value_serial, _grad_serial)
-    torch_threads = torch.get_num_threads()
-    try:
+    with numba_threads_like_torch():  # whatever numba's launch does to OpenMP
         value(w, 2, h, sums)
         grad(w, 2, np.ones(1, w.dtype), sums, out)
-    finally:
-        torch.set_num_threads(torch_threads)  # whatever numba's launch did to OpenMP
     if not (np.isfinite(h).all() and np.isfinite(out).all()):
         raise RuntimeError("numba kernels gave non-finite values on a test matrix")
     _compiled.add((dtype, parallel))
