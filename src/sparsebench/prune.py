@@ -166,8 +166,8 @@ def sweep_reference(
 # ``W2[:, i] (relu(z1_i) - ref_i)`` for the units that moved since its last refresh (lazy and
 # sparse), the layers above are recomputed, ``ref`` takes the current values. When many samples
 # of a chunk need it (low margins, high sparsity), the whole chunk is refreshed together in row
-# passes. Predictions are thus those of the pruned network at every percentile, up to float
-# rounding (near ties, within a relative 2e-5, are always refreshed).
+# passes. Hits and misses are thus those of the pruned network at every percentile, up to
+# float rounding (near ties, within a relative 2e-5, are always refreshed).
 #
 # The exact tail. Once a share ``_SWEEP_EXACT_AT`` of the predictions needs a refresh at every
 # step (high sparsity, small margins; for a random order, almost at once), certifying costs
