@@ -228,7 +228,7 @@ def main() -> None:
         step = max(1, len(percentiles) // args.reference_points)
         subset = percentiles[::step]
         sweep_fast(model, scores, percentiles, data.test)  # compiles or loads its kernels
-        fast = median_of(1, lambda: sweep_fast(model, scores, percentiles, data.test))
+        fast = median_of(args.repeats, lambda: sweep_fast(model, scores, percentiles, data.test))
         reference = timed(lambda: sweep_reference(model, scores, subset, data.test))
         reference_full = reference * len(percentiles) / len(subset)
         print(f"(d) {len(percentiles)}-point sweep of one LeNet300 on {len(data.test)} test images")
