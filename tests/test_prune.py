@@ -235,7 +235,7 @@ def test_certified_numba_sweep_equals_the_torch_path(monkeypatch, together, segm
 
 
 @numba_only
-@pytest.mark.parametrize("layer_sizes", [(20, 16, 6), (20, 16, 12, 6)])
+@pytest.mark.parametrize("layer_sizes", [(20, 16, 6), (20, 16, 12, 6), (20, 16, 12, 8, 5)])
 @pytest.mark.parametrize("exact_at", [0.0, 1e-9])  # exact from the start / from a segment on
 def test_exact_tail_equals_the_torch_path(monkeypatch, layer_sizes, exact_at) -> None:
     fast, slow, stats, model_hits, _ = numba_and_torch_hits(
