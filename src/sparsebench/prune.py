@@ -329,6 +329,19 @@ if numba is not None:
                 slack[n] += vi * abs(new - ref[i, n])
 
     @njit(cache=True)
+    def _nb_three_drops(d, end, d_col, d_val):  # pragma: no cover - compiled
+        """Drops ``d`` to ``min(d + 3, end) - 1`` of a row as three (column, weight) pairs,
+        padded with the first column at weight zero."""
+        zero = np.float32(0.0)
+        ja, wa = d_col[d], d_val[d]
+        jb, wb, jc, wc = ja, zero, ja, zero
+        if d + 1 < end:
+            jb, wb = d_col[d + 1], d_val[d + 1]
+        if d + 2 < end:
+            jc, wc = d_col[d + 2], d_val[d + 2]
+        return ja, wa, jb, wb, jc, wc
+
+    @njit(cache=True)
     def _nb_first_layer(s, x, z1, ref, v, slack, lastchg, first_drops):  # pragma: no cover
         """Step ``s``'s first-layer drops, a row (unit) at a time, up to three drops a pass,
         keeping every sample's slack current."""
@@ -341,18 +354,12 @@ if numba is not None:
             vi = v[i]
             d = first
             while d < end:
-                take = min(3, end - d)
-                ja, wa = d_col[d], d_val[d]
-                jb, wb, jc, wc = ja, zero, ja, zero  # padding: the same row, weight zero
-                if take > 1:
-                    jb, wb = d_col[d + 1], d_val[d + 1]
-                if take > 2:
-                    jc, wc = d_col[d + 2], d_val[d + 2]
+                ja, wa, jb, wb, jc, wc = _nb_three_drops(d, end, d_col, d_val)
                 mode = 0
                 if vi != zero:
-                    mode = (1 if d == first else 0) + (2 if d + take == end else 0)
+                    mode = (1 if d == first else 0) + (2 if d + 3 >= end else 0)
                 _nb_row_pass(z1, ref, slack, i, vi, x, ja, wa, jb, wb, jc, wc, mode)
-                d += take
+                d += 3
 
     @njit(cache=True, fastmath=_FM)
     def _nb_head_drops(s, ref, z2, hz, slack, head, head_drops):  # pragma: no cover - compiled
@@ -618,7 +625,7 @@ if numba is not None:
         chunk's own copies of the weights, which its head drops zero); ``first_drops`` and
         ``head_drops``: the schedule of :func:`_sweep_schedule` for the first layer and for
         the head; ``state``: what the chunk carries from one call to the next (see
-        :func:`_chunk_state`), set up by the call that starts at step 0.
+        :func:`_chunk_states`), set up by the call that starts at step 0.
         """
         dims, z_off = head[4], head[5]
         h_ptr = head_drops[0]
@@ -823,12 +830,7 @@ if numba is not None:
                 first, end = g_start[g], g_start[g + 1]
                 d = first
                 while d < end:  # up to three drops a pass over the row
-                    ja, wa = d_col[d], d_val[d]
-                    jb, wb, jc, wc = ja, zero, ja, zero
-                    if d + 1 < end:
-                        jb, wb = d_col[d + 1], d_val[d + 1]
-                    if d + 2 < end:
-                        jc, wc = d_col[d + 2], d_val[d + 2]
+                    ja, wa, jb, wb, jc, wc = _nb_three_drops(d, end, d_col, d_val)
                     _nb_exact_row(
                         z1, x, delta, i, q, ja, wa, jb, wb, jc, wc, d == first, d + 3 >= end
                     )
@@ -954,6 +956,7 @@ def _sweep_hits_numba(
     states = _chunk_states(chunks, chunk, int(dims[0]))
     hits = np.zeros((chunks, steps), dtype=np.int64)
     refreshed = np.zeros((chunks, steps), dtype=np.int64)
+    labels_b = labels.reshape(chunks, chunk)
     step, share = 0, 0.0
     with numba_threads_like_torch():
         while step < steps and share < _SWEEP_EXACT_AT:
@@ -965,7 +968,7 @@ def _sweep_hits_numba(
                 z1b,
                 z2b,
                 hzb,
-                labels.reshape(chunks, chunk),
+                labels_b,
                 nvalid,
                 own_head,
                 first_drops,
@@ -985,11 +988,11 @@ def _sweep_hits_numba(
                 step,
                 steps,
                 sched,
-                weights,
+                (wr, w_off, dims),
                 biases,
                 xb,
                 z1b,
-                labels.reshape(chunks, chunk),
+                labels_b,
                 first_drops,
                 head_drops,
             )
@@ -1021,7 +1024,7 @@ def _exact_tail(
     begin: int,
     steps: int,
     sched: dict[str, np.ndarray],
-    weights: Sequence[Tensor],
+    flat_head: tuple[np.ndarray, np.ndarray, np.ndarray],
     biases: Sequence[Tensor],
     xb: np.ndarray,
     z1b: np.ndarray,
@@ -1035,15 +1038,17 @@ def _exact_tail(
     pre-activations (all samples) are brought from the first layer's state after step
     ``begin - 1`` (``z1b``) once, then follow each step's moved units with one matrix product
     ``z2 += W2[:, rows] delta`` (BLAS, not numba loops); the small layers above are
-    re-evaluated.
+    re-evaluated. ``flat_head``: the unpruned head weights, flat, with their offsets and the
+    layer widths (``wr, w_off, dims`` of :func:`_sweep_hits_numba`).
     """
     chunks, units, chunk = z1b.shape
-    alive = torch.from_numpy(sched["drop_step"][sched["starts"][1] :] >= begin)
-    flat = torch.cat([w.detach().cpu().flatten() for w in weights[1:]]) * alive
-    sizes = [w.numel() for w in weights[1:]]
-    head = [w.view(v.shape) for w, v in zip(flat.split(sizes), weights[1:])]
-    dims = np.array([units] + [w.shape[0] for w in head], dtype=np.int64)
-    w_off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    wr, w_off, dims = flat_head
+    alive = sched["drop_step"][sched["starts"][1] :] >= begin
+    flat = torch.from_numpy(wr * alive)  # a copy: this tail's own drops zero it
+    head = [
+        flat[w_off[h] : w_off[h + 1]].view(int(dims[h + 1]), int(dims[h]))
+        for h in range(len(dims) - 1)
+    ]
     up = [b.detach().cpu().view(1, -1, 1) for b in biases[1:]]
     z2 = torch.matmul(head[0], torch.relu(torch.from_numpy(z1b))) + up[0]
     delta = torch.empty(chunks, units, chunk)
