@@ -805,12 +805,15 @@ if numba is not None:
                 z1[i, n] -= wa * x[ja, n] + wb * x[jb, n] + wc * x[jc, n]
 
     @njit(cache=True, parallel=True, fastmath=_FM)
-    def _nb_exact_step(s, xb, z1b, deltab, z2b, head, first_drops, head_drops):  # pragma: no cover
+    def _nb_exact_step(
+        s, xb, z1b, deltab, z2b, w2_rows, head, first_drops, head_drops
+    ):  # pragma: no cover - compiled
         """Step ``s`` of the exact tail: its head drops zeroed in ``head`` (the flat head
         weights, ``(wr, w_off, dims)``), with ``z2 -= w_ri relu(z1[i])`` for those of the first
         head layer; then, every chunk in parallel, the first layer's drops on ``z1`` and the
         change of each touched unit's relu into ``delta`` (one row per unit, in schedule
-        order). ``z2 += W2[:, rows] delta`` (with the pruned ``W2``) is left to the caller."""
+        order). The pruned ``W2``'s columns of those units go into ``w2_rows`` (the same
+        order); ``z2 += W2[:, rows] delta`` is left to the caller."""
         g_ptr, g_row, g_start, d_col, d_val = first_drops
         h_ptr, h_layer, h_row, h_col, h_val, _ = head_drops
         wr, w_off, dims = head
@@ -819,6 +822,10 @@ if numba is not None:
         for d in range(h_ptr[s], h_ptr[s + 1]):
             h = h_layer[d]
             wr[w_off[h] + h_row[d] * dims[h] + h_col[d]] = zero
+        for g in range(g_ptr[s], g_ptr[s + 1]):
+            i, q = g_row[g], g - g_ptr[s]
+            for r in range(dims[1]):
+                w2_rows[r, q] = wr[w_off[0] + r * dims[0] + i]
         for c in prange(z1b.shape[0]):
             x, z1, delta, z2 = xb[c], z1b[c], deltab[c], z2b[c]
             for d in range(h_ptr[s], h_ptr[s + 1]):
@@ -1058,31 +1065,24 @@ def _exact_tail(
     acts = [torch.empty(chunks, w.shape[1], chunk) for w in head[1:-1]]  # reused every step
     outs = [torch.empty(chunks, w.shape[0], chunk) for w in head[1:-1]]
     output, last_bias = head[-1].numpy(), biases[-1].detach().cpu().numpy()
-    g_ptr, g_row = first_drops[0], first_drops[1]
+    g_ptr = first_drops[0]
+    w2_rows = torch.empty(int(dims[1]), units)  # this step's units' columns of W2
+    step_args = (xb, z1b, delta.numpy(), z2.numpy(), w2_rows.numpy(), (flat.numpy(), w_off, dims))
+    top = (outs[-1] if outs else z2).numpy()
     hits = np.zeros(steps - begin, dtype=np.int64)
     for s in range(begin, steps):
-        _nb_exact_step(
-            s,
-            xb,
-            z1b,
-            delta.numpy(),
-            z2.numpy(),
-            (flat.numpy(), w_off, dims),
-            first_drops,
-            head_drops,
-        )
-        moved = g_ptr[s + 1] - g_ptr[s]
-        if moved:
-            rows = torch.from_numpy(g_row[g_ptr[s] : g_ptr[s + 1]])
-            z2.baddbmm_(head[0][:, rows].expand(chunks, -1, -1), delta[:, :moved])
+        _nb_exact_step(s, *step_args, first_drops, head_drops)
+        first, end = g_ptr[s], g_ptr[s + 1]
+        if end > first:
+            z2.baddbmm_(w2_rows[:, : end - first].expand(chunks, -1, -1), delta[:, : end - first])
         hidden = z2
         for w, b, act, out in zip(head[1:-1], up[1:-1], acts, outs):
             torch.matmul(w, torch.clamp(hidden, min=0.0, out=act), out=out).add_(b)
             hidden = out
         if len(head) == 1:  # z2 are the logits
-            hits[s - begin] = _nb_hits(z2.numpy(), labels)
+            hits[s - begin] = _nb_hits(top, labels)
         else:
-            hits[s - begin] = _nb_output_hits(hidden.numpy(), output, last_bias, labels)
+            hits[s - begin] = _nb_output_hits(top, output, last_bias, labels)
     return hits
 
 
