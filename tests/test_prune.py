@@ -279,7 +279,7 @@ def small_run(monkeypatch, layer_sizes: tuple[int, ...], **settings) -> SweepRun
 @numba_only
 @pytest.mark.parametrize("together", [1, 10**9])  # always / never refresh a chunk at once
 @pytest.mark.parametrize("segment", [7, 1000])  # the chunks' state carried between calls
-def test_certified_numba_sweep_equals_the_torch_path(monkeypatch, together, segment) -> None:
+def test_certified_numba_sweep_is_the_float64_truth(monkeypatch, together, segment) -> None:
     run = small_run(
         monkeypatch,
         (20, 16, 12, 6),
@@ -296,7 +296,7 @@ def test_certified_numba_sweep_equals_the_torch_path(monkeypatch, together, segm
 @numba_only
 @pytest.mark.parametrize("layer_sizes", [(20, 16, 6), (20, 16, 12, 6), (20, 16, 12, 8, 5)])
 @pytest.mark.parametrize("exact_at", [0.0, 1e-9])  # exact from the start / from a segment on
-def test_exact_tail_equals_the_torch_path(monkeypatch, layer_sizes, exact_at) -> None:
+def test_exact_tail_is_the_float64_truth(monkeypatch, layer_sizes, exact_at) -> None:
     run = small_run(monkeypatch, layer_sizes, _SWEEP_SEGMENT=24, _SWEEP_EXACT_AT=exact_at)
     if exact_at == 0.0:
         assert run.stats["exact_from"] == 0
