@@ -9,6 +9,8 @@ import pytest
 import yaml
 
 from sparsebench.config import ConfigError, apply_preset, load_config, validate_schema
+from sparsebench.regularizers import Regularizer
+from sparsebench.regularizers import base as regularizer_base
 
 CONFIG = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
 
@@ -109,3 +111,37 @@ def test_preset_keys_are_validated_too() -> None:
     with pytest.raises(ConfigError, match="presets.quick.train.epochs"):
         validate_schema(config)
     assert apply_preset(CONFIG) == CONFIG  # no preset: unchanged
+
+
+class _OneSeedAtATime(Regularizer):
+    """A regularizer that cannot train stacked seeds (registered by the tests below only)."""
+
+    name = "one_seed_at_a_time"
+    supports_batching = False
+
+
+@pytest.fixture
+def unbatchable_arm(monkeypatch: pytest.MonkeyPatch) -> dict:
+    monkeypatch.setitem(regularizer_base._REGISTRY, _OneSeedAtATime.name, _OneSeedAtATime)
+    return with_change(
+        "experiments.main.arms.weight_decay.regularizers", [{"name": _OneSeedAtATime.name}]
+    )
+
+
+def test_auto_seeds_per_job_is_one_where_a_regularizer_cannot_batch(unbatchable_arm) -> None:
+    assert load_config(unbatchable_arm, "cuda")["main"].seeds_per_job == 1
+    assert load_config(CONFIG, "cuda")["main"].seeds_per_job == 64  # the others keep theirs
+    assert load_config(unbatchable_arm, "cuda")["entropy_ablation"].seeds_per_job > 1
+
+
+def test_explicit_seeds_per_job_above_one_with_such_a_regularizer_is_named(
+    unbatchable_arm,
+) -> None:
+    unbatchable_arm["experiments"]["main"]["seeds_per_job"] = 4
+    with pytest.raises(ConfigError) as error:
+        load_config(unbatchable_arm)
+    message = str(error.value)
+    assert "config.experiments.main.seeds_per_job: 4" in message
+    assert "weight_decay: one_seed_at_a_time" in message
+    unbatchable_arm["experiments"]["main"]["seeds_per_job"] = 1
+    assert load_config(unbatchable_arm)["main"].seeds_per_job == 1

@@ -135,21 +135,45 @@ def selected_experiments(config: Mapping[str, Any]) -> list[str]:
     return names
 
 
-def _check_regularizers(exp_name: str, arm_name: str, specs: Sequence[Mapping[str, Any]]) -> None:
+def _unbatchable_regularizers(
+    exp_name: str, arm_name: str, specs: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """Build each of an arm's regularizers (a bad entry is a ConfigError naming it); return
+    the names of those that cannot train stacked seeds."""
     from sparsebench import regularizers
 
+    unbatchable = []
     for i, spec in enumerate(specs):
         where = f"config.experiments.{exp_name}.arms.{arm_name}.regularizers[{i}]"
         try:
-            regularizers.build(spec)
+            regularizer = regularizers.build(spec)
         except (KeyError, TypeError, ValueError) as error:
             raise ConfigError(f"{where}: {error}") from None
+        if not regularizer.supports_batching:
+            unbatchable.append(f"{arm_name}: {regularizer.name}")
+    return unbatchable
 
 
-def resolve_seeds_per_job(value: int | str, device_type: str, defaults: Mapping[str, int]) -> int:
-    if value != "auto":
-        return int(value)
-    return int(defaults.get(device_type, 1))
+def resolve_seeds_per_job(
+    value: int | str,
+    device_type: str,
+    defaults: Mapping[str, int],
+    unbatchable: Sequence[str] = (),
+    where: str = "seeds_per_job",
+) -> int:
+    """Seeds per train job: ``value``, or the device type's default for ``auto``.
+
+    ``unbatchable`` lists the experiment's regularizers (``"arm: name"``) that cannot train
+    stacked seeds: ``auto`` is then 1, and an explicit value above 1 a ConfigError.
+    """
+    if value == "auto":
+        return 1 if unbatchable else int(defaults.get(device_type, 1))
+    if int(value) > 1 and unbatchable:
+        raise ConfigError(
+            f"{where}: {value}, but regularizer(s) {list(unbatchable)} cannot train stacked "
+            "seeds; set it to 1 or auto for this experiment"
+        )
+    return int(value)
 
 
 def experiment_config(
@@ -165,8 +189,9 @@ def experiment_config(
             f"registered: {sorted(MODELS)}"
         )
     arms = {}
+    unbatchable: list[str] = []
     for arm_name, arm in raw["arms"].items():
-        _check_regularizers(name, arm_name, arm["regularizers"])
+        unbatchable += _unbatchable_regularizers(name, arm_name, arm["regularizers"])
         arms[arm_name] = ArmConfig(
             name=arm_name,
             regularizers=tuple(dict(r) for r in arm["regularizers"]),
@@ -199,7 +224,11 @@ def experiment_config(
         model=raw["model"],
         seeds=seeds,
         seeds_per_job=resolve_seeds_per_job(
-            raw.get("seeds_per_job", "auto"), device_type, config.get("seeds_per_job", {})
+            raw.get("seeds_per_job", "auto"),
+            device_type,
+            config.get("seeds_per_job", {}),
+            unbatchable,
+            where=f"config.experiments.{name}.seeds_per_job",
         ),
         train=TrainHparams(**raw["train"]),
         prune=PruneHparams(**prune),
