@@ -117,7 +117,7 @@ def pipeline_stages(raw_dir: Path, extra_config: list[str]) -> None:
             "all",
             "--quiet",
             "--config",
-            f"data_mirror={raw_dir}",
+            f"data_mirror={Path(raw_dir).resolve()}",  # snakemake runs in workdir
             *extra_config,
         ]
         total = 0.0

@@ -196,6 +196,12 @@ _SWEEP_EXACT_AT = 0.05  # from this share of predictions refreshed per step: the
 _numba_sweep_broken = False
 
 
+def _step_of_rank(count: int, removed: Sequence[int]) -> np.ndarray:
+    """For each rank k < ``count`` in the pruning order, the first step whose (ascending)
+    removal count exceeds k: the step at which that weight drops (``len(removed)``: never)."""
+    return np.searchsorted(np.asarray(removed, dtype=np.int64), np.arange(count), side="right")
+
+
 def _sweep_schedule(
     weights: Sequence[Tensor], order: Tensor, removed: Sequence[int]
 ) -> dict[str, np.ndarray]:
@@ -204,10 +210,8 @@ def _sweep_schedule(
     starts = np.concatenate([[0], np.cumsum(sizes)])
     steps = len(removed)
     order_np = order.cpu().numpy()
-    removed_np = np.asarray(removed, dtype=np.int64)
-    # drop_step[k] = the first step whose removal count exceeds the rank of weight k
-    drop_step = np.full(len(order_np), steps, dtype=np.int64)
-    drop_step[order_np] = np.searchsorted(removed_np, np.arange(len(order_np)), side="right")
+    drop_step = np.empty(len(order_np), dtype=np.int64)
+    drop_step[order_np] = _step_of_rank(len(order_np), removed)
     flat = order_np[drop_step[order_np] < steps]
     step = drop_step[flat]
     layer = np.searchsorted(starts, flat, side="right") - 1
@@ -1097,34 +1101,41 @@ def _sweep_hits_torch(
 
     Any device and dtype. Works in the transposed (features x samples) layout so that
     dropping weight (i, j) of the first layer is a row update ``z1[i] -= w_ij * x[j]``.
+    The drops are laid out by step and layer on the host beforehand and the hits stay on
+    the device until the end: on a GPU the loop only queues kernels, nothing in it waits.
     """
     weights = [w.clone() for w in weights]
     biases = [b.unsqueeze(1) for b in biases]
-    sizes = torch.tensor([w.numel() for w in weights], device=order.device)
-    layer_of = torch.bucketize(order, sizes.cumsum(0), right=True)
-    local = order - torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])[layer_of]
+    layers, steps = len(weights), len(removed)
+    starts = np.concatenate([[0], np.cumsum([w.numel() for w in weights])])
+    order_np = order.cpu().numpy()
+    step = _step_of_rank(len(order_np), removed)
+    layer = np.searchsorted(starts[1:], order_np, side="right")
+    group = step * layers + layer  # by step, then layer; the order's own order within
+    by_group = np.argsort(group, kind="stable")
+    local = torch.from_numpy((order_np - starts[layer])[by_group]).to(order.device)
+    bounds = np.searchsorted(group[by_group], np.arange(steps * layers + 1)).tolist()
     x_t = test.images.t().contiguous()
     z1_t = torch.addmm(biases[0], weights[0], x_t)
-    hits, done = np.zeros(len(removed), dtype=np.int64), 0
-    for step, count in enumerate(removed):
-        dropped, where = local[done:count], layer_of[done:count]
-        done = count
+    hits = torch.zeros(steps, dtype=torch.int64, device=x_t.device)
+    for s in range(steps):
         for i, w in enumerate(weights):
-            mine = dropped[where == i]
-            if mine.numel() == 0:
+            first, end = bounds[s * layers + i], bounds[s * layers + i + 1]
+            if first == end:
                 continue
-            if i == 0 and len(weights) > 1:
+            mine = local[first:end]
+            if i == 0 and layers > 1:
                 rows, cols = mine // w.shape[1], mine % w.shape[1]
                 z1_t.index_add_(0, rows, x_t[cols] * w[rows, cols].neg().unsqueeze(1))
             w.view(-1)[mine] = 0.0
-        if len(weights) == 1:
+        if layers == 1:
             h = torch.addmm(biases[0], weights[0], x_t)
         else:
             h = z1_t
             for w, b in zip(weights[1:], biases[1:]):
                 h = torch.addmm(b, w, torch.relu(h))
-        hits[step] = int((h.argmax(0) == test.labels).sum())
-    return hits
+        hits[s] = (h.argmax(0) == test.labels).sum()
+    return hits.cpu().numpy()
 
 
 @torch.no_grad()
