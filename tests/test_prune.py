@@ -348,6 +348,37 @@ def test_torch_path_serves_float64_single_layers_and_any_percentile_order(monkey
     assert not called
 
 
+def test_torch_plan_drops_each_weight_once_at_its_step_rows_unique_per_slice() -> None:
+    """The torch path's plan: every pruned weight in exactly one slice of its step, in its
+    layer; no first-layer slice holds a row twice (no racing adds on a GPU); a row's drops
+    of a step in the order's order."""
+    generator = torch.Generator().manual_seed(3)
+    weights = [torch.randn(6, 5, generator=generator), torch.randn(4, 6, generator=generator)]
+    order = torch.randperm(54, generator=generator).numpy()
+    removed = [0, 10, 10, 31, 54]
+    local, plan = prune._torch_sweep_plan(weights, order, removed)
+    rank = {int(k): r for r, k in enumerate(order)}
+    seen = []
+    for s, slices in enumerate(plan):
+        before = removed[s - 1] if s else 0
+        assert bool(slices) == (removed[s] > before)
+        for first, end, layer in slices:
+            flat = [int(k) + (30 if layer else 0) for k in local[first:end]]
+            assert all(before <= rank[k] < removed[s] for k in flat)
+            if layer == 0:
+                rows = [k // 5 for k in flat]
+                assert len(set(rows)) == len(rows)
+            seen += flat
+    assert sorted(seen) == list(range(54))
+    for slices in plan:  # within a row of the first layer: the order's order
+        by_row: dict[int, list[int]] = {}
+        for first, end, layer in slices:
+            for k in (int(k) for k in local[first:end] if layer == 0):
+                by_row.setdefault(k // 5, []).append(rank[k])
+        assert all(ranks == sorted(ranks) for ranks in by_row.values())
+    assert max(len(slices) for slices in plan) > 2  # some step has a row dropped twice
+
+
 @numba_only
 def test_numba_path_takes_any_percentile_order() -> None:
     model = trained_mlp((20, 16, 6), seed=8)

@@ -1090,6 +1090,47 @@ def _exact_tail(
     return hits
 
 
+def _nth_occurrence(key: np.ndarray) -> np.ndarray:
+    """For each entry of ``key``, how many entries before it hold the same value."""
+    by_key = np.argsort(key, kind="stable")
+    position = np.arange(len(key))
+    new_run = np.ones(len(key), dtype=bool)
+    new_run[1:] = key[by_key][1:] != key[by_key][:-1]
+    nth = np.empty(len(key), dtype=np.int64)
+    nth[by_key] = position - np.maximum.accumulate(np.where(new_run, position, 0))
+    return nth
+
+
+def _torch_sweep_plan(
+    weights: Sequence[Tensor], order: np.ndarray, removed: Sequence[int]
+) -> tuple[np.ndarray, list[list[tuple[int, int, int]]]]:
+    """The drops of every step as slices of one array of within-layer indices:
+    ``(local, plan)``, ``plan[s]`` the ``(first, end, layer)`` slices of step ``s``.
+
+    A first-layer slice never holds a row twice (a row's second drop of a step goes into
+    the next slice, in the order's order), so adding the drops into ``z1`` by rows is
+    the same sum in the same order everywhere, with no two updates of an element at once
+    (on a GPU, ``index_add_`` with repeated rows adds them in any order).
+    """
+    starts = np.concatenate([[0], np.cumsum([w.numel() for w in weights])])
+    step = _step_of_rank(len(order), removed)
+    layer = np.searchsorted(starts[1:], order, side="right")
+    local = order - starts[layer]
+    first = layer == 0  # a first-layer drop's slice: the how-many-th of its row and step
+    nth = np.zeros(len(order), dtype=np.int64)
+    units, fan_in = weights[0].shape
+    nth[first] = _nth_occurrence(step[first] * units + local[first] // fan_in)
+    keep = step < len(removed)
+    ranked = np.lexsort((nth, layer, step))  # stable: the order's order within a slice
+    ranked = ranked[keep[ranked]]
+    plan: list[list[tuple[int, int, int]]] = [[] for _ in removed]
+    key = np.stack([step[ranked], layer[ranked], nth[ranked]], axis=1)
+    cuts = np.flatnonzero(np.r_[True, (key[1:] != key[:-1]).any(axis=1), True])
+    for first, end in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+        plan[int(key[first, 0])].append((first, end, int(key[first, 1])))
+    return local[ranked], plan
+
+
 def _sweep_hits_torch(
     weights: Sequence[Tensor],
     biases: Sequence[Tensor],
@@ -1101,34 +1142,24 @@ def _sweep_hits_torch(
 
     Any device and dtype. Works in the transposed (features x samples) layout so that
     dropping weight (i, j) of the first layer is a row update ``z1[i] -= w_ij * x[j]``.
-    The drops are laid out by step and layer on the host beforehand and the hits stay on
-    the device until the end: on a GPU the loop only queues kernels, nothing in it waits.
+    The drops are planned on the host (:func:`_torch_sweep_plan`) and the hits stay on the
+    device until the end: on a GPU the loop only queues kernels, nothing in it waits.
     """
     weights = [w.clone() for w in weights]
     biases = [b.unsqueeze(1) for b in biases]
-    layers, steps = len(weights), len(removed)
-    starts = np.concatenate([[0], np.cumsum([w.numel() for w in weights])])
-    order_np = order.cpu().numpy()
-    step = _step_of_rank(len(order_np), removed)
-    layer = np.searchsorted(starts[1:], order_np, side="right")
-    group = step * layers + layer  # by step, then layer; the order's own order within
-    by_group = np.argsort(group, kind="stable")
-    local = torch.from_numpy((order_np - starts[layer])[by_group]).to(order.device)
-    bounds = np.searchsorted(group[by_group], np.arange(steps * layers + 1)).tolist()
+    local_np, plan = _torch_sweep_plan(weights, order.cpu().numpy(), removed)
+    local = torch.from_numpy(local_np).to(order.device)
     x_t = test.images.t().contiguous()
     z1_t = torch.addmm(biases[0], weights[0], x_t)
-    hits = torch.zeros(steps, dtype=torch.int64, device=x_t.device)
-    for s in range(steps):
-        for i, w in enumerate(weights):
-            first, end = bounds[s * layers + i], bounds[s * layers + i + 1]
-            if first == end:
-                continue
-            mine = local[first:end]
-            if i == 0 and layers > 1:
+    hits = torch.zeros(len(removed), dtype=torch.int64, device=x_t.device)
+    for s, slices in enumerate(plan):
+        for first, end, i in slices:
+            w, mine = weights[i], local[first:end]
+            if i == 0 and len(weights) > 1:
                 rows, cols = mine // w.shape[1], mine % w.shape[1]
                 z1_t.index_add_(0, rows, x_t[cols] * w[rows, cols].neg().unsqueeze(1))
             w.view(-1)[mine] = 0.0
-        if layers == 1:
+        if len(weights) == 1:
             h = torch.addmm(biases[0], weights[0], x_t)
         else:
             h = z1_t
