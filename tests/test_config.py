@@ -145,3 +145,5 @@ def test_explicit_seeds_per_job_above_one_with_such_a_regularizer_is_named(
     assert "weight_decay: one_seed_at_a_time" in message
     unbatchable_arm["experiments"]["main"]["seeds_per_job"] = 1
     assert load_config(unbatchable_arm)["main"].seeds_per_job == 1
+    with pytest.raises(ConfigError, match=r"seeds_per_job \(preset 'quick' applied\): 3, but"):
+        load_config({**unbatchable_arm, "preset": "quick"})  # the quick preset stacks 3

@@ -215,6 +215,9 @@ def experiment_config(
             f"config.experiments.{name}.report.weight_figure_seed: seed "
             f"{report.weight_figure_seed} is not among the {len(seeds)} seeds"
         )
+    seeds_per_job_key = f"config.experiments.{name}.seeds_per_job"
+    if config.get("preset"):  # the value may be the preset's
+        seeds_per_job_key += f" (preset {config['preset']!r} applied)"
     prune = dict(raw["prune"])
     if "criteria" in prune:
         prune["criteria"] = tuple(prune["criteria"])
@@ -228,7 +231,7 @@ def experiment_config(
             device_type,
             config.get("seeds_per_job", {}),
             unbatchable,
-            where=f"config.experiments.{name}.seeds_per_job",
+            where=seeds_per_job_key,
         ),
         train=TrainHparams(**raw["train"]),
         prune=PruneHparams(**prune),
