@@ -1116,10 +1116,11 @@ def _torch_sweep_plan(
     step = _step_of_rank(len(order), removed)
     layer = np.searchsorted(starts[1:], order, side="right")
     local = order - starts[layer]
-    first = layer == 0  # a first-layer drop's slice: the how-many-th of its row and step
+    # A first-layer drop's slice: the how-many-th drop of its row at its step.
+    in_first = layer == 0
     nth = np.zeros(len(order), dtype=np.int64)
     units, fan_in = weights[0].shape
-    nth[first] = _nth_occurrence(step[first] * units + local[first] // fan_in)
+    nth[in_first] = _nth_occurrence(step[in_first] * units + local[in_first] // fan_in)
     keep = step < len(removed)
     ranked = np.lexsort((nth, layer, step))  # stable: the order's order within a slice
     ranked = ranked[keep[ranked]]
