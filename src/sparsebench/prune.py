@@ -202,6 +202,13 @@ def _step_of_rank(count: int, removed: Sequence[int]) -> np.ndarray:
     return np.searchsorted(np.asarray(removed, dtype=np.int64), np.arange(count), side="right")
 
 
+def _layer_and_local(starts: np.ndarray, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For flat indices into the concatenated weights (layer ``l`` from ``starts[l]``): each
+    one's layer and its index within that layer."""
+    layer = np.searchsorted(starts, flat, side="right") - 1
+    return layer, flat - starts[layer]
+
+
 def _sweep_schedule(
     weights: Sequence[Tensor], order: Tensor, removed: Sequence[int]
 ) -> dict[str, np.ndarray]:
@@ -214,8 +221,7 @@ def _sweep_schedule(
     drop_step[order_np] = _step_of_rank(len(order_np), removed)
     flat = order_np[drop_step[order_np] < steps]
     step = drop_step[flat]
-    layer = np.searchsorted(starts, flat, side="right") - 1
-    local = flat - starts[layer]
+    layer, local = _layer_and_local(starts, flat)
     # First layer: by step, then row; one group per (step, row).
     first = layer == 0
     key = step[first] * sizes[0] + local[first]
@@ -1114,8 +1120,7 @@ def _torch_sweep_plan(
     """
     starts = np.concatenate([[0], np.cumsum([w.numel() for w in weights])])
     step = _step_of_rank(len(order), removed)
-    layer = np.searchsorted(starts[1:], order, side="right")
-    local = order - starts[layer]
+    layer, local = _layer_and_local(starts, order)
     # A first-layer drop's slice: the how-many-th drop of its row at its step.
     in_first = layer == 0
     nth = np.zeros(len(order), dtype=np.int64)
