@@ -13,6 +13,7 @@ from typing import NamedTuple
 import pytest
 
 from sparsebench.data import MNIST_FILES, write_synthetic_mnist
+from sparsebench.regularizers import base as regularizer_base
 
 # --------------------------------------------------------------------------------------------
 # Data
@@ -95,3 +96,21 @@ def serve_directory(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Path]
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------------------------
+# Regularizers
+
+
+class OneSeedAtATime(regularizer_base.Regularizer):
+    """A regularizer that cannot train stacked seeds; its measure is zero."""
+
+    name = "one_seed_at_a_time"
+    supports_batching = False
+
+
+@pytest.fixture
+def unbatchable_regularizer(monkeypatch: pytest.MonkeyPatch) -> type[regularizer_base.Regularizer]:
+    """:class:`OneSeedAtATime`, found by its name in the registry for this test only."""
+    monkeypatch.setitem(regularizer_base._REGISTRY, OneSeedAtATime.name, OneSeedAtATime)
+    return OneSeedAtATime

@@ -9,8 +9,6 @@ import pytest
 import yaml
 
 from sparsebench.config import ConfigError, apply_preset, load_config, validate_schema
-from sparsebench.regularizers import Regularizer
-from sparsebench.regularizers import base as regularizer_base
 
 CONFIG = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
 
@@ -113,18 +111,11 @@ def test_preset_keys_are_validated_too() -> None:
     assert apply_preset(CONFIG) == CONFIG  # no preset: unchanged
 
 
-class _OneSeedAtATime(Regularizer):
-    """A regularizer that cannot train stacked seeds (registered by the tests below only)."""
-
-    name = "one_seed_at_a_time"
-    supports_batching = False
-
-
 @pytest.fixture
-def unbatchable_arm(monkeypatch: pytest.MonkeyPatch) -> dict:
-    monkeypatch.setitem(regularizer_base._REGISTRY, _OneSeedAtATime.name, _OneSeedAtATime)
+def unbatchable_arm(unbatchable_regularizer) -> dict:
+    """The config with the main experiment's weight-decay arm on an unbatchable regularizer."""
     return with_change(
-        "experiments.main.arms.weight_decay.regularizers", [{"name": _OneSeedAtATime.name}]
+        "experiments.main.arms.weight_decay.regularizers", [{"name": unbatchable_regularizer.name}]
     )
 
 

@@ -141,14 +141,16 @@ def test_entropy_gradient_in_place_trains_like_autograd(monkeypatch: pytest.Monk
         assert got.regularizer_values == pytest.approx(expected.regularizer_values, rel=1e-12)
 
 
-def test_a_regularizer_that_cannot_batch_trains_one_seed_and_refuses_more() -> None:
-    class OneSeedAtATime(regularizers.Regularizer):
-        name = "one_seed_at_a_time"
-        supports_batching = False
-
-    alone = train_networks("lenet300", [5], [OneSeedAtATime()], HPARAMS, TRAIN, TEST, DEVICE)
+def test_a_regularizer_that_cannot_batch_trains_one_seed_and_refuses_more(
+    unbatchable_regularizer,
+) -> None:
+    alone = train_networks(
+        "lenet300", [5], [unbatchable_regularizer()], HPARAMS, TRAIN, TEST, DEVICE
+    )
     plain = train_networks("lenet300", [5], [], HPARAMS, TRAIN, TEST, DEVICE)
     for w1, w2 in zip(alone[0].parameters(), plain[0].parameters()):
         assert torch.equal(w1, w2)  # its zero measure changes nothing
     with pytest.raises(ValueError, match=r"\['one_seed_at_a_time'\] do not support batched"):
-        train_networks("lenet300", [5, 6], [OneSeedAtATime()], HPARAMS, TRAIN, TEST, DEVICE)
+        train_networks(
+            "lenet300", [5, 6], [unbatchable_regularizer()], HPARAMS, TRAIN, TEST, DEVICE
+        )
