@@ -18,6 +18,7 @@ import torch
 
 from sparsebench import devices
 from sparsebench.devices import DeviceBusyError, claim_device, device_type, resolve_device
+from sparsebench.provenance import provenance
 
 
 @pytest.fixture(autouse=True)
@@ -147,6 +148,31 @@ def test_explicit_index_bypasses_a_full_pool(tmp_path):
         with claim_device("cuda:1", lock_dir=tmp_path, device_count=2, timeout=5) as d:
             assert d == torch.device("cuda", 1)
         assert time.monotonic() - t0 < 1
+
+
+# --- claim_device: determinism on a GPU --------------------------------------------
+
+
+@pytest.mark.parametrize("requested", ["cuda", "cuda:1"])  # from the pool / explicit
+def test_a_gpu_claim_fixes_cublas_workspace_and_records_it(tmp_path, monkeypatch, requested):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with claim_device(requested, lock_dir=tmp_path, device_count=2):
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert provenance()["environment"]["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert not torch.are_deterministic_algorithms_enabled()  # torch's slower mode stays off
+
+
+def test_a_workspace_setting_of_the_users_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    with claim_device("cuda", lock_dir=tmp_path, device_count=1):
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_a_cpu_claim_leaves_cublas_alone(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with claim_device("auto", lock_dir=tmp_path, device_count=0):
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert "CUBLAS_WORKSPACE_CONFIG" not in provenance()["environment"]
 
 
 # --- claim_device: the pool --------------------------------------------------------

@@ -16,7 +16,9 @@ GPUs (``snakemake --resources gpu=N`` on an N-GPU box runs N training jobs
 at once, one per GPU) and, on a single GPU, never share it. When every GPU is
 taken the claim waits, up to a timeout, then fails saying who holds them. An
 explicit ``cuda:N`` or the CPU bypasses the pool (``cuda:0`` is how to share
-one GPU between jobs on purpose).
+one GPU between jobs on purpose). On any GPU it also fixes cuBLAS's workspace
+(:func:`deterministic_cuda`), without which cuBLAS may sum in a different order
+from one run to the next.
 
 Locks are named after the physical GPU: its UUID (else the entry of
 ``CUDA_VISIBLE_DEVICES``, else the index). Two SLURM jobs on one node that
@@ -52,6 +54,7 @@ __all__ = [
     "DeviceBusyError",
     "claim_device",
     "default_lock_dir",
+    "deterministic_cuda",
     "device_type",
     "numba_threads_like_torch",
     "resolve_device",
@@ -201,13 +204,43 @@ def claim_device(
     timeout: float | None = None,
     poll_interval: float = 0.2,
 ) -> Iterator[torch.device]:
-    """Resolve ``requested`` and, for plain ``cuda``, hold one GPU of the pool.
+    """Resolve ``requested`` and, for plain ``cuda``, hold one GPU of the pool; on a GPU,
+    with :func:`deterministic_cuda`'s setting.
 
     ``device_count`` overrides ``torch.cuda.device_count()`` (and the CUDA
     availability check), which lets the pool be tested without GPUs.
     ``timeout`` (seconds; default ``SPARSEBENCH_GPU_TIMEOUT`` or 24 h) bounds
     the wait for a free GPU; then :class:`DeviceBusyError` is raised.
     """
+    with _claim(requested, lock_dir, device_count, timeout, poll_interval) as device:
+        deterministic_cuda(device)
+        yield device
+
+
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"
+
+
+def deterministic_cuda(device: torch.device) -> None:
+    """On a CUDA device, cuBLAS's part in giving the same numbers on every run: a fixed
+    workspace (``CUBLAS_WORKSPACE_CONFIG``; cuBLAS reads it when it starts, so this must come
+    before the first matrix product; a value already set is kept).
+
+    torch's deterministic mode stays off: it would swap in slower kernels (a sorting
+    ``index_add_``, memory filled at every ``empty``), and the project's own CUDA code
+    already avoids the nondeterministic ones (the sweep never adds to a row twice at once).
+    """
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
+
+
+@contextlib.contextmanager
+def _claim(
+    requested: str,
+    lock_dir: Path | None,
+    device_count: int | None,
+    timeout: float | None,
+    poll_interval: float,
+) -> Iterator[torch.device]:
     import torch
 
     if device_count is None:

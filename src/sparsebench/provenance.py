@@ -64,10 +64,16 @@ def provenance(**fields: Any) -> dict[str, Any]:
         "versions": package_versions(),
         "git_commit": git_commit(Path(__file__).resolve().parent),
         "host": platform.node(),
-        # Which physical GPU and which cluster job, where a scheduler chose them.
+        # Which physical GPU and which cluster job, where a scheduler chose them; cuBLAS's
+        # workspace setting, on which its determinism depends.
         "environment": {
             name: os.environ[name]
-            for name in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_JOB_NODELIST")
+            for name in (
+                "CUDA_VISIBLE_DEVICES",
+                "SLURM_JOB_ID",
+                "SLURM_JOB_NODELIST",
+                "CUBLAS_WORKSPACE_CONFIG",
+            )
             if name in os.environ
         },
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
