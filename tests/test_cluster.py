@@ -108,14 +108,18 @@ def scontrol_job(job_id: str) -> dict[str, str]:
 
 
 def submissions(log: str) -> list[dict[str, str]]:
-    """Every SLURM submission in a snakemake log: snakemake job id, SLURM job id, rule, key."""
+    """Every SLURM submission in a snakemake log: snakemake job id, SLURM job id, rule, key
+    (the job's wildcards), job (rule and key)."""
     found = []
     for jobid, slurm_id, path in SUBMITTED.findall(log):
         parts = Path(path).parts
         rule_dir = next(i for i, part in enumerate(parts) if part.startswith("rule_"))
         rule = parts[rule_dir][len("rule_") :]
         key = "/".join(parts[rule_dir + 1 : -1])  # the job's wildcards
-        found.append({"jobid": jobid, "slurm": slurm_id, "rule": rule, "key": key, "log": path})
+        job = f"{rule} {key}"
+        found.append(
+            {"jobid": jobid, "slurm": slurm_id, "rule": rule, "key": key, "job": job, "log": path}
+        )
     return found
 
 
@@ -159,13 +163,14 @@ def test_pipeline_through_slurm_and_resume_after_kill(slurm, synthetic_mnist, tm
         proc = subprocess.Popen(
             snakemake_command(workdir, overlay, *profile), stdout=sink, stderr=subprocess.STDOUT
         )
-    trains = {"tiny_none_seeds0-0", "tiny_entropy_seeds0-0"}
+    trains = {"train tiny_none_seeds0-0", "train tiny_entropy_seeds0-0"}
+    prunes = {"prune tiny_none_seeds0-0", "prune tiny_entropy_seeds0-0"}
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
             log = first_log.read_text()
             finished = {jobid for jobid, _ in FINISHED.findall(log)}
-            if trains <= {s["key"] for s in submissions(log) if s["jobid"] in finished}:
+            if trains <= {s["job"] for s in submissions(log) if s["jobid"] in finished}:
                 break
             time.sleep(0.2)
     finally:
@@ -179,11 +184,11 @@ def test_pipeline_through_slurm_and_resume_after_kill(slurm, synthetic_mnist, tm
     total = job_stats(first)
     assert total["train"] == 2 and total["prune"] == 2, total
     finished = {jobid for jobid, _ in FINISHED.findall(first)}
-    done_first = {s["key"] for s in submissions(first) if s["jobid"] in finished}
+    done_first = {s["job"] for s in submissions(first) if s["jobid"] in finished}
     assert trains <= done_first, first[-4000:]
     done_outputs = [
-        workdir / "results" / "tiny" / key.split("_")[1] / "train" / key.split("_")[2]
-        for key in done_first & trains
+        workdir / "results" / "tiny" / job.split("_")[1] / "train" / job.split("_")[2]
+        for job in done_first & trains
     ]
     mtimes = {p: p.stat().st_mtime_ns for p in done_outputs}
 
@@ -193,10 +198,10 @@ def test_pipeline_through_slurm_and_resume_after_kill(slurm, synthetic_mnist, tm
     second = result.stdout + result.stderr
     planned = job_stats(second)
     resubmitted = submissions(second)
-    rerun = {s["key"] for s in resubmitted}
+    rerun = {s["job"] for s in resubmitted}
     assert not rerun & done_first, f"finished jobs ran again: {rerun & done_first}"
     # What was not finished ran, exactly once, and nothing else.
-    assert rerun | done_first == trains | {"tiny_none_0", "tiny_entropy_0"}
+    assert rerun | done_first == trains | prunes
     assert len(rerun) == len(resubmitted) == planned["train"] + planned["prune"]
     assert planned["train"] == len(trains - done_first), (planned, done_first)
     assert planned["prune"] == 2 - len(done_first - trains), planned
@@ -234,13 +239,13 @@ def test_pipeline_through_slurm_and_resume_after_kill(slurm, synthetic_mnist, tm
     for name in ("entropy_matrices", "weight_matrices", "accuracy_vs_kept"):
         for ext in ("png", "svg"):
             assert (reports / "figures" / f"{name}.{ext}").stat().st_size > 0
-    sweeps = sorted((workdir / "results" / "tiny").glob("*/prune/seed*.csv"))
+    sweeps = sorted((workdir / "results" / "tiny").glob("*/prune/*/seed*.csv"))
     assert len(sweeps) == 2
 
-    # --- a lost sweep and tables: the plan redoes that prune job and the summaries only --
-    # (Snakemake rebuilds a missing intermediate only where something downstream is
+    # --- a lost prune folder and tables: the plan redoes that prune job and the summaries
+    # only (Snakemake rebuilds a missing intermediate only where something downstream is
     # missing too, hence the tables.)
-    sweeps[0].unlink()
+    shutil.rmtree(sweeps[0].parent)
     shutil.rmtree(reports / "tables")
     plan = run_snakemake(workdir, overlay, *profile, "-n")
     replanned = job_stats(plan.stdout + plan.stderr)

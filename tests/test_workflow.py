@@ -43,7 +43,7 @@ def test_pipeline_writes_every_table_and_figure(tiny_run: Path) -> None:
 
 
 def test_sweep_csv_and_provenance(tiny_run: Path) -> None:
-    sweep = pd.read_csv(tiny_run / "results/tiny/entropy/prune/seed1.csv")
+    sweep = pd.read_csv(tiny_run / "results/tiny/entropy/prune/seeds0-1/seed1.csv")
     assert len(sweep) == 3 * 101
     assert list(sweep.columns) == [
         "criterion",
@@ -58,12 +58,13 @@ def test_sweep_csv_and_provenance(tiny_run: Path) -> None:
     assert first["kept_total"] == 784 * 300 + 300 * 100 + 100 * 10
     assert (sweep.groupby("criterion")["kept_total"].last() == 0).all()
 
-    meta = json.loads((tiny_run / "results/tiny/entropy/prune/seed1.json").read_text())
+    meta = json.loads((tiny_run / "results/tiny/entropy/prune/seeds0-1/seed1.json").read_text())
     train_meta = json.loads(
         (tiny_run / "results/tiny/entropy/train/seeds0-1/seed1/metadata.json").read_text()
     )
     for record in (meta, train_meta):
         assert record["seed"] == 1
+        assert record["seeds_in_job"] == [0, 1]  # one prune job per train job
         assert record["arm"] == "entropy"
         assert record["device"].startswith("cpu")
         assert record["versions"]["torch"]
@@ -114,6 +115,14 @@ def test_default_config_plans_the_paper_experiment(tmp_path) -> None:
     assert counts["figures"] == "1"
 
 
+def test_one_prune_job_sweeps_the_networks_of_one_train_job(tmp_path) -> None:
+    # The quick preset trains each arm's 3 seeds in one job: one prune job per arm too.
+    overlay = {"device": "cpu", "preset": "quick"}
+    result = run_snakemake(tmp_path, overlay, "-n", "--cores", "1", "--quiet", "rules")
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, flags=re.MULTILINE))
+    assert counts["train"] == counts["prune"] == "4"
+
+
 def test_same_seed_gives_identical_sweeps(synthetic_mnist, tmp_path) -> None:
     """Train and sweep the same seed twice on the CPU: byte-identical sweep CSVs."""
     settings = {
@@ -127,24 +136,22 @@ def test_same_seed_gives_identical_sweeps(synthetic_mnist, tmp_path) -> None:
     prune = {"criteria": ["sensitivity", "random"], "percentile_step": 2.0}
     sweeps = []
     for run in ("a", "b"):
-        train_dir = tmp_path / run / "train"
+        train_dir, prune_dir = tmp_path / run / "train", tmp_path / run / "prune"
         run_train_job(
             synthetic_mnist.dir, train_dir, tmp_path / run / "train.log", "x", "e", settings
         )
-        csv = tmp_path / run / "sweep.csv"
         run_prune_job(
             synthetic_mnist.dir,
             train_dir,
-            csv,
-            tmp_path / run / "sweep.json",
+            prune_dir,
             tmp_path / run / "prune.log",
             "x",
             "e",
-            {**settings, "seed": 3, "prune": vars(PruneHparams(**prune))},
+            {**settings, "prune": vars(PruneHparams(**prune))},
         )
-        sweeps.append(csv.read_bytes())
+        sweeps.append((prune_dir / "seed3.csv").read_bytes())
     assert sweeps[0] == sweeps[1]
-    assert len(pd.read_csv(tmp_path / "a" / "sweep.csv")) == 2 * 51
+    assert len(pd.read_csv(tmp_path / "a" / "prune" / "seed3.csv")) == 2 * 51
 
 
 def test_snakefile_lints_clean() -> None:
@@ -156,10 +163,16 @@ def test_snakefile_lints_clean() -> None:
 @pytest.mark.realdata
 def test_quick_preset_smallest_case_on_real_mnist(real_mnist_dir: Path, tmp_path: Path) -> None:
     """One network of the quick preset on the real MNIST, through the workflow."""
-    target = "results/main/entropy/prune/seed0.csv"
-    overlay = {"preset": "quick", "device": "cpu", "data_mirror": str(real_mnist_dir)}
+    target = "results/main/entropy/prune/seeds0-0"  # the prune job of seed 0 alone
+    overlay = {
+        "preset": "quick",
+        "presets": {"quick": {"seeds_per_job": 1}},
+        "device": "cpu",
+        "data_mirror": str(real_mnist_dir),
+    }
     run_snakemake(tmp_path, overlay, "--cores", "2", target)
-    sweep = pd.read_csv(tmp_path / target)
+    assert sorted(p.name for p in (tmp_path / target).glob("seed*")) == ["seed0.csv", "seed0.json"]
+    sweep = pd.read_csv(tmp_path / target / "seed0.csv")
     sensitivity = sweep[sweep["criterion"] == "sensitivity"].set_index("percentile")
     assert len(sensitivity) == 1001
     assert sensitivity.loc[0.0, "kept_total"] == 266_200
@@ -168,5 +181,5 @@ def test_quick_preset_smallest_case_on_real_mnist(real_mnist_dir: Path, tmp_path
     # Pruning the least sensitive half costs little; pruning everything leaves chance.
     assert sensitivity.loc[50.0, "test_accuracy"] > sensitivity.loc[0.0, "test_accuracy"] - 2.0
     assert sensitivity.loc[100.0, "test_accuracy"] < 20.0
-    meta = json.loads((tmp_path / target.replace(".csv", ".json")).read_text())
+    meta = json.loads((tmp_path / target / "seed0.json").read_text())
     assert meta["trained_with"]["train_samples"] == 30_000

@@ -1,8 +1,9 @@
 """Aggregate pruning sweeps over seeds: accuracy vs kept parameters, and kept at given accuracy.
 
 Inputs are the sweep CSVs written by the prune stage, one per trained network (one experiment,
-one arm, one seed), with the columns ``criterion``, ``percentile``, ``kept_total``, one
-``kept_<layer>`` column per weight layer and ``test_accuracy`` (percent, 0-100).
+one arm, one seed; :func:`sweep_files` says where in its prune job's folder), with the columns
+``criterion``, ``percentile``, ``kept_total``, one ``kept_<layer>`` column per weight layer and
+``test_accuracy`` (percent, 0-100).
 
 Nothing here knows an arm by name: arms are labels given by the caller, kept in the order they
 are first seen (or in an explicit ``arm_order``), and the reference arm for the reduction ratio
@@ -46,6 +47,11 @@ PERCENTILE_DECIMALS = 6
 """Percentiles are rounded to this many decimals so 0.30000000000000004 and 0.3 group together."""
 
 _KEY = ("arm", "criterion", "percentile")
+
+
+def sweep_files(sweep_dir: Path | str, seed: int) -> tuple[Path, Path]:
+    """Where one seed's sweep (CSV) and its provenance (JSON) lie in its prune job's folder."""
+    return Path(sweep_dir) / f"seed{int(seed)}.csv", Path(sweep_dir) / f"seed{int(seed)}.json"
 
 
 def layer_columns(frame: pd.DataFrame) -> list[str]:

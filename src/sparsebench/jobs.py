@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +17,12 @@ import pandas as pd
 import torch
 
 from sparsebench import regularizers
+from sparsebench.aggregate import sweep_files
 from sparsebench.config import PruneHparams, TrainHparams
 from sparsebench.data import load_mnist
 from sparsebench.devices import claim_device
 from sparsebench.models import build_model
-from sparsebench.provenance import (
-    atomic_directory,
-    atomic_path,
-    device_description,
-    provenance,
-    write_json_atomic,
-)
+from sparsebench.provenance import atomic_directory, device_description, provenance
 from sparsebench.prune import sweep
 from sparsebench.train import EpochRecord, train_networks
 
@@ -45,6 +40,25 @@ def _configure(threads: int, log_path: Path) -> None:
 def seed_dir(train_dir: Path, seed: int) -> Path:
     """Where one seed's files lie inside its train job's folder."""
     return Path(train_dir) / f"seed{int(seed)}"
+
+
+def _seed_record(
+    job: tuple[str, str, str, Sequence[int], Mapping[str, Any], str], seed: int, **fields: Any
+) -> str:
+    """One network's provenance, as JSON text, from a job (its stage, experiment, arm, seeds,
+    settings and device) that handled several seeds."""
+    stage, experiment, arm, seeds, settings, device = job
+    record = provenance(
+        stage=stage,
+        experiment=experiment,
+        arm=arm,
+        seed=seed,
+        seeds_in_job=list(seeds),
+        settings=dict(settings),
+        device=device,
+        **fields,
+    )
+    return json.dumps(record, indent=2, default=str)
 
 
 def run_train_job(
@@ -86,67 +100,66 @@ def run_train_job(
             folder.mkdir()
             torch.save(model.network_state_dict(k), folder / "weights.pt")
             pd.DataFrame([r.as_row() for r in logs[k]]).to_csv(folder / "log.csv", index=False)
-            record = provenance(
-                stage="train",
-                experiment=experiment,
-                arm=arm,
-                seed=seed,
-                seeds_in_job=seeds,
-                settings=dict(settings),
-                device=device_name,
+            record = _seed_record(
+                ("train", experiment, arm, seeds, settings, device_name),
+                seed,
                 train_seconds_for_job=seconds,
                 final_test_accuracy=logs[k][-1].test_accuracy,
                 train_samples=len(data.train),
             )
-            (folder / "metadata.json").write_text(json.dumps(record, indent=2, default=str))
+            (folder / "metadata.json").write_text(record)
 
 
 def run_prune_job(
     data_dir: Path,
     trained_dir: Path,
-    sweep_csv: Path,
-    metadata_json: Path,
+    out_dir: Path,
     log_path: Path,
     experiment: str,
     arm: str,
     settings: Mapping[str, Any],
     threads: int = 1,
-) -> pd.DataFrame:
-    """Sweep one trained network over every criterion and percentile; write its CSV."""
+) -> dict[int, pd.DataFrame]:
+    """Sweep the networks of ``settings['seeds']`` (a train job's) over every criterion and
+    percentile, one after another in this one process (the device claimed and the data
+    loaded once); write each seed's CSV and provenance into ``out_dir``."""
     _configure(threads, log_path)
-    seed = int(settings["seed"])
+    seeds = [int(s) for s in settings["seeds"]]
     train_hparams = TrainHparams(**settings["train"])
     prune_hparams = PruneHparams(**{**settings["prune"], "criteria": settings["prune"]["criteria"]})
-    folder = seed_dir(trained_dir, seed)
+    frames, seconds = {}, {}
     with claim_device(settings["device"]) as device:
         data = load_mnist(data_dir, train_hparams.train_samples, train_hparams.subset_seed, device)
-        model = build_model(settings["model"], [seed], device)
-        model.load_network_state_dicts([torch.load(folder / "weights.pt", map_location=device)])
-        started = time.perf_counter()
-        frame = sweep(
-            model, prune_hparams.criteria, prune_hparams.percentiles(), data.train, data.test, seed
-        )
-        seconds = time.perf_counter() - started
+        for seed in seeds:
+            weights = seed_dir(trained_dir, seed) / "weights.pt"
+            model = build_model(settings["model"], [seed], device)
+            model.load_network_state_dicts([torch.load(weights, map_location=device)])
+            started = time.perf_counter()
+            frames[seed] = sweep(
+                model,
+                prune_hparams.criteria,
+                prune_hparams.percentiles(),
+                data.train,
+                data.test,
+                seed,
+            )
+            seconds[seed] = time.perf_counter() - started
+            log.info("swept seed %d in %.1f s on %s", seed, seconds[seed], device)
         device_name = device_description(device)
-    log.info("swept seed %d in %.1f s", seed, seconds)
 
-    trained = json.loads((folder / "metadata.json").read_text())
-    unpruned = frame.loc[frame["percentile"] == 0.0, "test_accuracy"]
-    with atomic_path(sweep_csv) as tmp:
-        frame.to_csv(tmp, index=False)
-    write_json_atomic(
-        metadata_json,
-        provenance(
-            stage="prune",
-            experiment=experiment,
-            arm=arm,
-            seed=seed,
-            settings=dict(settings),
-            device=device_name,
-            sweep_seconds=seconds,
-            trained_with=trained,
-            unpruned_test_accuracy=float(unpruned.iloc[0]),
-            final_test_accuracy_in_training=trained["final_test_accuracy"],
-        ),
-    )
-    return frame
+    with atomic_directory(out_dir) as tmp:
+        for seed, frame in frames.items():
+            trained = json.loads((seed_dir(trained_dir, seed) / "metadata.json").read_text())
+            unpruned = frame.loc[frame["percentile"] == 0.0, "test_accuracy"]
+            csv, metadata = sweep_files(tmp, seed)
+            frame.to_csv(csv, index=False)
+            record = _seed_record(
+                ("prune", experiment, arm, seeds, settings, device_name),
+                seed,
+                sweep_seconds=seconds[seed],
+                trained_with=trained,
+                unpruned_test_accuracy=float(unpruned.iloc[0]),
+                final_test_accuracy_in_training=trained["final_test_accuracy"],
+            )
+            metadata.write_text(record)
+    return frames

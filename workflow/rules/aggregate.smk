@@ -1,7 +1,7 @@
 rule aggregate:
     """Median/min/max over seeds, and the kept count reaching each accuracy level."""
     input:
-        sweeps=lambda wc: sweep_csvs(wc.experiment),
+        sweeps=lambda wc: sweep_dirs(wc.experiment),
     output:
         accuracy_csv=report(
             f"{TABLES}/accuracy_vs_kept.csv",
@@ -22,7 +22,7 @@ rule aggregate:
         CONDA_ENV
     params:
         arms=lambda wc: list(EXPERIMENTS[wc.experiment].arms),
-        seeds=lambda wc: list(EXPERIMENTS[wc.experiment].seeds),
+        sweeps=lambda wc: sweep_entries(wc.experiment),
         levels=lambda wc: list(EXPERIMENTS[wc.experiment].report.accuracy_levels),
         baseline_arm=lambda wc: EXPERIMENTS[wc.experiment].report.baseline_arm,
         experiment=lambda wc: wc.experiment,

@@ -20,7 +20,7 @@ NAME_PATTERN = "[A-Za-z0-9][A-Za-z0-9_.-]*"
 
 DATA_DIR = f"{RESULTS}/data/mnist/raw"
 TRAIN_DIR = f"{RESULTS}/{{experiment}}/{{arm}}/train/{{chunk}}"
-SWEEP_CSV = f"{RESULTS}/{{experiment}}/{{arm}}/prune/seed{{seed}}.csv"
+SWEEP_DIR = f"{RESULTS}/{{experiment}}/{{arm}}/prune/{{chunk}}"
 TABLES = f"{REPORTS}/{{experiment}}/tables"
 FIGURES = f"{REPORTS}/{{experiment}}/figures"
 CONDA_ENV = "../../envs/sparsebench.yaml"
@@ -47,22 +47,31 @@ def chunk_seeds(experiment, chunk):
     raise ValueError(f"no seed chunk {chunk!r} in experiment {experiment!r}")
 
 
-def train_dir_of_seed(experiment, arm, seed):
+def chunk_of_seed(experiment, seed):
     for seeds in EXPERIMENTS[experiment].seed_chunks():
         if int(seed) in seeds:
-            return TRAIN_DIR.format(
-                experiment=experiment, arm=arm, chunk=chunk_name(seeds)
-            )
+            return chunk_name(seeds)
     raise ValueError(f"seed {seed} is not in experiment {experiment!r}")
 
 
-def sweep_csvs(experiment):
+def train_dir_of_seed(experiment, arm, seed):
+    chunk = chunk_of_seed(experiment, seed)
+    return TRAIN_DIR.format(experiment=experiment, arm=arm, chunk=chunk)
+
+
+def sweep_entries(experiment):
+    """(arm, seed, folder of its prune job) for every network of the experiment."""
     exp = EXPERIMENTS[experiment]
     return [
-        SWEEP_CSV.format(experiment=experiment, arm=arm, seed=seed)
+        (arm, seed, SWEEP_DIR.format(experiment=experiment, arm=arm, chunk=chunk))
         for arm in exp.arms
         for seed in exp.seeds
+        for chunk in [chunk_of_seed(experiment, seed)]
     ]
+
+
+def sweep_dirs(experiment):
+    return sorted({folder for _, _, folder in sweep_entries(experiment)})
 
 
 def table_files(experiment, ext):
@@ -105,10 +114,11 @@ def train_settings(wildcards):
 
 
 def prune_settings(wildcards):
+    """Everything a prune job's numbers depend on; it sweeps its train job's seeds."""
     exp = EXPERIMENTS[wildcards.experiment]
     return {
         "model": exp.model,
-        "seed": int(wildcards.seed),
+        "seeds": chunk_seeds(wildcards.experiment, wildcards.chunk),
         "train": asdict(exp.train),
         "prune": asdict(exp.prune),
         "device": config["device"],
@@ -121,6 +131,13 @@ def train_runtime_minutes(wildcards, attempt):
     seeds = len(chunk_seeds(wildcards.experiment, wildcards.chunk))
     per_seed_epoch = RESOURCES.get("train_minutes_per_seed_epoch", 0.5)
     return attempt * max(10, int(per_seed_epoch * seeds * exp.train.epochs) + 5)
+
+
+def prune_runtime_minutes(wildcards, attempt):
+    """The prune job's time limit: scales with its networks, and grows on each retry."""
+    seeds = len(chunk_seeds(wildcards.experiment, wildcards.chunk))
+    per_seed = RESOURCES.get("prune_minutes_per_seed", 10)
+    return attempt * max(10, int(per_seed * seeds) + 5)
 
 
 def gpus_per_job():

@@ -1,20 +1,20 @@
 rule prune:
-    """The pruning sweep of one trained network: one CSV, all criteria."""
+    """The pruning sweeps of one train job's networks: per seed a CSV (all criteria) and its
+    provenance JSON, in one process (the device claimed and the data loaded once)."""
     input:
         data=rules.download.output,
-        trained=lambda wc: train_dir_of_seed(wc.experiment, wc.arm, wc.seed),
+        trained=TRAIN_DIR,
     output:
-        sweep=SWEEP_CSV,
-        metadata=SWEEP_CSV.replace(".csv", ".json"),
+        directory(SWEEP_DIR),
     log:
-        "logs/{experiment}/{arm}/prune_seed{seed}.log",
+        "logs/{experiment}/{arm}/prune_{chunk}.log",
     conda:
         CONDA_ENV
     threads: RESOURCES.get("threads", 1)
     resources:
         gpu=gpus_per_job(),
         mem_mb=RESOURCES.get("prune_mem_mb", 4000),
-        runtime=RESOURCES.get("prune_minutes", 30),
+        runtime=prune_runtime_minutes,
     params:
         settings=prune_settings,
         experiment=lambda wc: wc.experiment,

@@ -1,11 +1,10 @@
 """Rule aggregate: the experiment's tables over seeds."""
 
-from sparsebench.aggregate import write_tables
+from sparsebench.aggregate import sweep_files, write_tables
 
 params, output = snakemake.params, snakemake.output
-entries = [(arm, seed) for arm in params.arms for seed in params.seeds]
 write_tables(
-    [(arm, seed, path) for (arm, seed), path in zip(entries, snakemake.input.sweeps, strict=True)],
+    [(arm, seed, sweep_files(folder, seed)[0]) for arm, seed, folder in params.sweeps],
     accuracy_csv=output.accuracy_csv,
     accuracy_md=output.accuracy_md,
     kept_csv=output.kept_csv,

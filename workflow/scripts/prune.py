@@ -1,4 +1,4 @@
-"""Rule prune: the pruning sweep of one trained network."""
+"""Rule prune: the pruning sweeps of one train job's networks."""
 
 from pathlib import Path
 
@@ -7,8 +7,7 @@ from sparsebench.jobs import run_prune_job
 run_prune_job(
     data_dir=Path(snakemake.input.data[0]).parent,
     trained_dir=Path(snakemake.input.trained),
-    sweep_csv=Path(snakemake.output.sweep),
-    metadata_json=Path(snakemake.output.metadata),
+    out_dir=Path(snakemake.output[0]),
     log_path=Path(snakemake.log[0]),
     experiment=snakemake.params.experiment,
     arm=snakemake.params.arm,
