@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from docutils.core import publish_doctree
 from pipeline import REPO, run_snakemake, tiny_overlay
 
 from sparsebench.config import PruneHparams, TrainHparams
@@ -158,6 +160,19 @@ def test_snakefile_lints_clean() -> None:
     result = run_snakemake(REPO, None, "--lint", check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Lints for" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "caption", sorted((REPO / "workflow" / "report").glob("*.rst")), ids=lambda p: p.name
+)
+def test_report_captions_are_clean_restructured_text(caption: Path) -> None:
+    # `snakemake --report` renders each caption as reStructuredText: a problem there (`|w|`
+    # read as a substitution, say) shows up as an error box in the HTML report.
+    problems = io.StringIO()
+    publish_doctree(
+        caption.read_text(), settings_overrides={"warning_stream": problems, "report_level": 2}
+    )
+    assert problems.getvalue() == ""
 
 
 @pytest.mark.realdata
