@@ -59,14 +59,18 @@ def train_dir_of_seed(experiment, arm, seed):
     return TRAIN_DIR.format(experiment=experiment, arm=arm, chunk=chunk)
 
 
+def sweep_dir_of_seed(experiment, arm, seed):
+    chunk = chunk_of_seed(experiment, seed)
+    return SWEEP_DIR.format(experiment=experiment, arm=arm, chunk=chunk)
+
+
 def sweep_entries(experiment):
     """(arm, seed, folder of its prune job) for every network of the experiment."""
     exp = EXPERIMENTS[experiment]
     return [
-        (arm, seed, SWEEP_DIR.format(experiment=experiment, arm=arm, chunk=chunk))
+        (arm, seed, sweep_dir_of_seed(experiment, arm, seed))
         for arm in exp.arms
         for seed in exp.seeds
-        for chunk in [chunk_of_seed(experiment, seed)]
     ]
 
 
