@@ -156,6 +156,33 @@ def test_same_seed_gives_identical_sweeps(synthetic_mnist, tmp_path) -> None:
     assert len(pd.read_csv(tmp_path / "a" / "prune" / "seed3.csv")) == 2 * 51
 
 
+def test_a_failed_prune_job_keeps_its_finished_sweeps_for_the_rerun(
+    synthetic_mnist, tmp_path
+) -> None:
+    overlay = tiny_overlay(synthetic_mnist.dir, synthetic_mnist.checksums)
+    trained, target = "results/tiny/none/train/seeds0-1", "results/tiny/none/prune/seeds0-1"
+    swept = tmp_path / target
+    run_snakemake(tmp_path, overlay, "--cores", "1", trained)
+    weights = tmp_path / trained / "seed1" / "weights.pt"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[: len(intact) // 2])  # seed 1's network unreadable
+
+    failed = run_snakemake(tmp_path, overlay, "--cores", "1", target, check=False)
+    assert failed.returncode != 0
+    assert not swept.exists()  # Snakemake removes a failed job's output...
+    partial = swept.with_name("seeds0-1.partial")  # ...not the sweep it had finished
+    assert sorted(p.name for p in partial.iterdir()) == ["seed0.csv", "seed0.json"]
+    finished = (partial / "seed0.csv").read_bytes()
+
+    weights.write_bytes(intact)
+    run_snakemake(tmp_path, overlay, "--cores", "1", target)
+
+    assert (swept / "seed0.csv").read_bytes() == finished
+    assert (swept / "seed1.csv").is_file() and not partial.exists()
+    log = (tmp_path / "logs/tiny/none/prune_seeds0-1.log").read_text()
+    assert "seed 0: its sweep from an earlier run" in log
+
+
 def test_snakefile_lints_clean() -> None:
     result = run_snakemake(REPO, None, "--lint", check=False)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -12,7 +12,6 @@ is a parameter (``baseline_arm``).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -20,7 +19,13 @@ from typing import Any
 
 import pandas as pd
 
-from sparsebench.provenance import atomic_path, provenance, write_json_atomic, write_text_atomic
+from sparsebench.provenance import (
+    atomic_path,
+    provenance,
+    sha256sum,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("criterion", "percentile", "kept_total", "test_accuracy")
 """Columns every sweep CSV must have (plus one ``kept_<layer>`` column per weight layer)."""
@@ -344,14 +349,6 @@ def default_table_paths(out_dir: Path | str) -> dict[str, Path]:
     return {key: Path(out_dir) / name for key, name in TABLE_FILES.items()}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_tables(
     entries: Iterable[tuple[str, int, Path | str]],
     *,
@@ -423,7 +420,7 @@ def write_tables(
         levels=[float(level) for level in levels],
         baseline_arm=baseline_arm,
         inputs=[
-            {"arm": arm, "seed": seed, "path": str(path), "sha256": _sha256(path)}
+            {"arm": arm, "seed": seed, "path": str(path), "sha256": sha256sum(path)}
             for arm, seed, path in entries
         ],
         outputs={

@@ -2,12 +2,21 @@
 
 The Snakemake rule scripts are one call into here, so every job is testable (and
 usable) without Snakemake.
+
+A job that handles several seeds keeps what it has finished in a folder beside its output
+(:func:`partial_dir`): a train job its latest checkpoint, a prune job each finished sweep.
+Snakemake deletes a failed job's output, not that folder, so a rerun (a retry after a time
+limit, say) goes on from there, when it is for the same settings, inputs, code and device,
+and gives the same numbers as an uninterrupted run. The folder goes once the output is in
+place.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,11 +31,23 @@ from sparsebench.config import PruneHparams, TrainHparams
 from sparsebench.data import load_mnist
 from sparsebench.devices import claim_device
 from sparsebench.models import build_model
-from sparsebench.provenance import atomic_directory, device_description, provenance
+from sparsebench.provenance import (
+    atomic_directory,
+    atomic_path,
+    device_description,
+    git_commit,
+    package_versions,
+    provenance,
+    sha256sum,
+    write_text_atomic,
+)
 from sparsebench.prune import sweep
-from sparsebench.train import EpochRecord, train_networks
+from sparsebench.train import EpochRecord, TrainProgress, train_networks
 
 log = logging.getLogger("sparsebench")
+
+#: A train job saves a checkpoint after an epoch once this long has passed since the last.
+CHECKPOINT_EVERY_S = 300.0
 
 
 def _configure(threads: int, log_path: Path) -> None:
@@ -40,6 +61,43 @@ def _configure(threads: int, log_path: Path) -> None:
 def seed_dir(train_dir: Path, seed: int) -> Path:
     """Where one seed's files lie inside its train job's folder."""
     return Path(train_dir) / f"seed{int(seed)}"
+
+
+def partial_dir(out_dir: Path | str) -> Path:
+    """Where a job keeps what it has finished until its whole output is in place."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(f"{out_dir.name}.partial")
+
+
+def resume_key(settings: Mapping[str, Any], device: torch.device, **inputs: str) -> str:
+    """What finished work must have been made with to be taken up by a rerun: the job's
+    settings, kind of device (not its index: a retry may get another GPU of the same kind),
+    code and package versions, and its inputs' checksums."""
+    made_with = {
+        "settings": settings,
+        "device": device_description(device).replace(str(device), device.type, 1),
+        "versions": package_versions(),
+        "git_commit": git_commit(Path(__file__).resolve().parent),
+        "inputs": inputs,
+    }
+    text = json.dumps(made_with, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _load_checkpoint(path: Path, key: str) -> TrainProgress | None:
+    """The training state saved at ``path`` if it was made under ``key``."""
+    if not path.exists():
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.pop("resume_key", None) != key:
+        log.info("ignoring %s: made with other settings, inputs, code or device", path)
+        return None
+    return TrainProgress.from_checkpoint(checkpoint)
+
+
+def _save_checkpoint(path: Path, key: str, progress: TrainProgress) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({**progress.as_checkpoint(), "resume_key": key}, tmp)
 
 
 def _seed_record(
@@ -69,11 +127,13 @@ def run_train_job(
     arm: str,
     settings: Mapping[str, Any],
     threads: int = 1,
+    checkpoint_every_s: float = CHECKPOINT_EVERY_S,
 ) -> None:
     """Train the seeds in ``settings['seeds']`` together; write each seed's folder.
 
     Every epoch is appended to ``log_path`` as it finishes, so a failing run (a NaN
-    loss, say) keeps what it had computed.
+    loss, say) keeps what it had computed. A checkpoint is saved after an epoch every
+    ``checkpoint_every_s`` seconds (and read back by a rerun: see the module's notes).
     """
     _configure(threads, log_path)
     hparams = TrainHparams(**settings["train"])
@@ -84,15 +144,36 @@ def run_train_job(
         for seed, record in zip(seeds, records):
             log.info("seed %d %s", seed, json.dumps(record.as_row()))
 
+    checkpoint = partial_dir(out_dir) / "checkpoint.pt"
     with claim_device(settings["device"]) as device:
         log.info("experiment %s arm %s seeds %s on %s", experiment, arm, seeds, device)
+        device_name = device_description(device)
+        key = resume_key(settings, device)
+        resume_from = _load_checkpoint(checkpoint, key)
+        if resume_from is not None:
+            log.info("going on after epoch %d, from %s", resume_from.epoch, checkpoint)
         data = load_mnist(data_dir, hparams.train_samples, hparams.subset_seed, device)
-        started = time.perf_counter()
+        started = last_saved = time.perf_counter()
+
+        def on_checkpoint(progress: TrainProgress) -> None:
+            nonlocal last_saved
+            if time.perf_counter() - last_saved >= checkpoint_every_s:
+                _save_checkpoint(checkpoint, key, progress)
+                last_saved = time.perf_counter()
+
         model, logs = train_networks(
-            settings["model"], seeds, regs, hparams, data.train, data.test, device, on_epoch
+            settings["model"],
+            seeds,
+            regs,
+            hparams,
+            data.train,
+            data.test,
+            device,
+            on_epoch=on_epoch,
+            on_checkpoint=on_checkpoint,
+            resume_from=resume_from,
         )
         seconds = time.perf_counter() - started
-        device_name = device_description(device)
 
     with atomic_directory(out_dir) as tmp:
         for k, seed in enumerate(seeds):
@@ -104,10 +185,28 @@ def run_train_job(
                 ("train", experiment, arm, seeds, settings, device_name),
                 seed,
                 train_seconds_for_job=seconds,
+                resumed_after_epoch=None if resume_from is None else resume_from.epoch,
                 final_test_accuracy=logs[k][-1].test_accuracy,
                 train_samples=len(data.train),
             )
             (folder / "metadata.json").write_text(record)
+    shutil.rmtree(checkpoint.parent, ignore_errors=True)
+
+
+def _finished_sweep(folder: Path, seed: int, key: str) -> pd.DataFrame | None:
+    """A seed's sweep in ``folder`` (a prune job's partial folder) if it was made under
+    ``key``."""
+    csv, metadata = sweep_files(folder, seed)
+    if not (csv.exists() and metadata.exists()):
+        return None
+    if json.loads(metadata.read_text()).get("resume_key") != key:
+        log.info(
+            "ignoring seed %d's sweep in %s: made with other settings, inputs, code or device",
+            seed,
+            folder,
+        )
+        return None
+    return pd.read_csv(csv)
 
 
 def run_prune_job(
@@ -122,20 +221,31 @@ def run_prune_job(
 ) -> dict[int, pd.DataFrame]:
     """Sweep the networks of ``settings['seeds']`` (a train job's) over every criterion and
     percentile, one after another in this one process (the device claimed and the data
-    loaded once); write each seed's CSV and provenance into ``out_dir``."""
+    loaded once); write each seed's CSV and provenance into ``out_dir``.
+
+    Each sweep is saved as soon as it is done (in :func:`partial_dir`), so a rerun after a
+    failure sweeps only the networks that were not yet done.
+    """
     _configure(threads, log_path)
     seeds = [int(s) for s in settings["seeds"]]
     train_hparams = TrainHparams(**settings["train"])
     prune_hparams = PruneHparams(**{**settings["prune"], "criteria": settings["prune"]["criteria"]})
-    frames, seconds = {}, {}
+    partial = partial_dir(out_dir)
+    frames = {}
     with claim_device(settings["device"]) as device:
+        device_name = device_description(device)
         data = load_mnist(data_dir, train_hparams.train_samples, train_hparams.subset_seed, device)
         for seed in seeds:
             weights = seed_dir(trained_dir, seed) / "weights.pt"
+            key = resume_key(settings, device, weights=sha256sum(weights))
+            frames[seed] = _finished_sweep(partial, seed, key)
+            if frames[seed] is not None:
+                log.info("seed %d: its sweep from an earlier run, in %s", seed, partial)
+                continue
             model = build_model(settings["model"], [seed], device)
             model.load_network_state_dicts([torch.load(weights, map_location=device)])
             started = time.perf_counter()
-            frames[seed] = sweep(
+            frame = sweep(
                 model,
                 prune_hparams.criteria,
                 prune_hparams.percentiles(),
@@ -143,23 +253,28 @@ def run_prune_job(
                 data.test,
                 seed,
             )
-            seconds[seed] = time.perf_counter() - started
-            log.info("swept seed %d in %.1f s on %s", seed, seconds[seed], device)
-        device_name = device_description(device)
-
-    with atomic_directory(out_dir) as tmp:
-        for seed, frame in frames.items():
+            seconds = time.perf_counter() - started
+            log.info("swept seed %d in %.1f s on %s", seed, seconds, device)
             trained = json.loads((seed_dir(trained_dir, seed) / "metadata.json").read_text())
             unpruned = frame.loc[frame["percentile"] == 0.0, "test_accuracy"]
-            csv, metadata = sweep_files(tmp, seed)
-            frame.to_csv(csv, index=False)
             record = _seed_record(
                 ("prune", experiment, arm, seeds, settings, device_name),
                 seed,
-                sweep_seconds=seconds[seed],
+                sweep_seconds=seconds,
                 trained_with=trained,
                 unpruned_test_accuracy=float(unpruned.iloc[0]),
                 final_test_accuracy_in_training=trained["final_test_accuracy"],
+                resume_key=key,
             )
-            metadata.write_text(record)
+            csv, metadata = sweep_files(partial, seed)
+            with atomic_path(csv) as tmp:
+                frame.to_csv(tmp, index=False)
+            write_text_atomic(metadata, record)  # last: it marks the sweep as finished
+            frames[seed] = frame
+
+    with atomic_directory(out_dir) as tmp:
+        for seed in seeds:
+            for done, final in zip(sweep_files(partial, seed), sweep_files(tmp, seed)):
+                shutil.copyfile(done, final)
+    shutil.rmtree(partial)
     return frames

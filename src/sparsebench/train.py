@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,26 @@ class EpochRecord:
         row.update({f"reg_{name}": value for name, value in self.regularizer_values.items()})
         row.update(test_loss=self.test_loss, test_accuracy=self.test_accuracy, seconds=self.seconds)
         return row
+
+
+@dataclass
+class TrainProgress:
+    """Everything training needs to go on after ``epoch`` exactly as if it had not stopped:
+    the stacked networks, Adam's state, each seed's data-order generator and the logs so far.
+    Tensors, lists and dicts only, so that a checkpoint loads with ``weights_only=True``."""
+
+    epoch: int
+    networks: dict[str, Tensor]
+    optimizer: dict[str, Any]
+    data_order: list[Tensor]
+    logs: list[list[dict[str, Any]]]  # per seed, its EpochRecords as dicts
+
+    def as_checkpoint(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # no deep copy of tensors
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any]) -> TrainProgress:
+        return cls(**checkpoint)
 
 
 def permutation_generators(seeds: Sequence[int], device: torch.device) -> list[torch.Generator]:
@@ -115,12 +136,17 @@ def train_networks(
     test: Split,
     device: torch.device,
     on_epoch: Callable[[int, list[EpochRecord]], None] | None = None,
+    on_checkpoint: Callable[[TrainProgress], None] | None = None,
+    resume_from: TrainProgress | None = None,
 ) -> tuple[StackedMLP, list[list[EpochRecord]]]:
     """Train one network per seed under ``regularizers``; return the model and per-seed logs.
 
     ``train`` and ``test`` must already be on ``device``; the networks take their dtype.
     ``on_epoch(epoch, records)`` is called after every epoch with that epoch's record of
-    each seed.
+    each seed; ``on_checkpoint(progress)`` after every epoch but the last, with the state
+    to go on from (references to the live tensors: save it, do not keep it). Given
+    ``resume_from`` (such a state, for the same seeds and settings), training goes on after
+    its epoch and ends with the numbers an uninterrupted run gives.
     """
     unbatchable = [r.name for r in regularizers if not r.supports_batching]
     if unbatchable and len(seeds) > 1:
@@ -131,10 +157,18 @@ def train_networks(
     keys = regularizer_keys(regularizers)
     k, n, batch = len(seeds), len(train.labels), hparams.batch_size
     logs: list[list[EpochRecord]] = [[] for _ in seeds]
+    first_epoch = 1
+    if resume_from is not None:
+        model.load_state_dict(resume_from.networks)
+        optimizer.load_state_dict(resume_from.optimizer)
+        for generator, state in zip(generators, resume_from.data_order, strict=True):
+            generator.set_state(state)
+        logs = [[EpochRecord(**row) for row in log] for log in resume_from.logs]
+        first_epoch = resume_from.epoch + 1
     # Regularizers with a closed-form gradient add it to .grad after the backward pass.
     direct = [reg.writes_gradient(model.weight_matrices()) for reg in regularizers]
 
-    for epoch in range(1, hparams.epochs + 1):
+    for epoch in range(first_epoch, hparams.epochs + 1):
         started = time.perf_counter()
         model.train()
         order = epoch_permutations(n, generators, device)
@@ -194,6 +228,16 @@ def train_networks(
             log.append(record)
         if on_epoch is not None:
             on_epoch(epoch, records)
+        if on_checkpoint is not None and epoch < hparams.epochs:
+            on_checkpoint(
+                TrainProgress(
+                    epoch=epoch,
+                    networks=model.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    data_order=[g.get_state() for g in generators],
+                    logs=[[asdict(r) for r in log] for log in logs],
+                )
+            )
     return model, logs
 
 

@@ -1,0 +1,187 @@
+"""Jobs that handle several seeds lose nothing they finished when they fail: a rerun goes on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from sparsebench import jobs
+from sparsebench.config import PruneHparams, TrainHparams
+
+SETTINGS = {
+    "model": "lenet300",
+    "dataset": "mnist",
+    "seeds": [4, 7],
+    "train": vars(TrainHparams(lr=1e-3, epochs=3, batch_size=64, eval_batch_size=500)),
+    "regularizers": [{"name": "configuration_entropy", "coefficient": 1.0}],
+    "device": "cpu",
+}
+PRUNE_SETTINGS = {
+    **SETTINGS,
+    "prune": vars(PruneHparams(criteria=["sensitivity", "magnitude"], percentile_step=5.0)),
+}
+
+
+class Killed(RuntimeError):
+    """Stands for a job killed part-way (a time limit, a lost node)."""
+
+
+def train(data_dir: Path, out_dir: Path, **kwargs) -> None:
+    jobs.run_train_job(
+        data_dir, out_dir, out_dir.parent / "train.log", "x", "arm", SETTINGS, **kwargs
+    )
+
+
+def prune(data_dir: Path, trained: Path, out_dir: Path, settings=PRUNE_SETTINGS) -> None:
+    jobs.run_prune_job(
+        data_dir, trained, out_dir, out_dir.parent / "prune.log", "x", "arm", settings
+    )
+
+
+def killed_after_epoch(epoch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next train job dies once ``epoch`` is logged (before its checkpoint is saved)."""
+    real = jobs.train_networks
+
+    def dying(*args, on_epoch, **kwargs):
+        def logged_then_killed(done: int, records) -> None:
+            on_epoch(done, records)
+            if done == epoch:
+                raise Killed(f"killed after epoch {done}")
+
+        return real(*args, on_epoch=logged_then_killed, **kwargs)
+
+    monkeypatch.setattr(jobs, "train_networks", dying)
+
+
+@pytest.fixture(scope="module")
+def trained_straight(synthetic_mnist, tmp_path_factory) -> Path:
+    """Both seeds trained for 3 epochs without a stop."""
+    out = tmp_path_factory.mktemp("straight") / "train"
+    train(synthetic_mnist.dir, out)
+    return out
+
+
+def test_a_killed_train_job_goes_on_from_its_checkpoint_to_the_same_numbers(
+    synthetic_mnist, trained_straight: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "train"
+    killed_after_epoch(2, monkeypatch)
+    with pytest.raises(Killed):
+        train(synthetic_mnist.dir, out, checkpoint_every_s=0.0)
+    assert not out.exists()
+    assert (jobs.partial_dir(out) / "checkpoint.pt").is_file()  # saved after epoch 1
+    monkeypatch.undo()
+
+    train(synthetic_mnist.dir, out)
+
+    assert not jobs.partial_dir(out).exists()
+    for seed in SETTINGS["seeds"]:
+        resumed, straight = out / f"seed{seed}", trained_straight / f"seed{seed}"
+        a = torch.load(resumed / "weights.pt")
+        b = torch.load(straight / "weights.pt")
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        logged = pd.read_csv(resumed / "log.csv").drop(columns="seconds")
+        pd.testing.assert_frame_equal(
+            logged, pd.read_csv(straight / "log.csv").drop(columns="seconds")
+        )
+        assert list(logged["epoch"]) == [1, 2, 3]
+        assert json.loads((resumed / "metadata.json").read_text())["resumed_after_epoch"] == 1
+    assert "going on after epoch 1" in (tmp_path / "train.log").read_text()
+
+
+def test_a_checkpoint_made_with_other_settings_is_not_taken_up(
+    synthetic_mnist, trained_straight: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "train"
+    other = {**SETTINGS, "train": {**SETTINGS["train"], "lr": 5e-3}}
+    killed_after_epoch(2, monkeypatch)
+    with pytest.raises(Killed):
+        jobs.run_train_job(
+            synthetic_mnist.dir,
+            out,
+            tmp_path / "train.log",
+            "x",
+            "arm",
+            other,
+            checkpoint_every_s=0.0,
+        )
+    monkeypatch.undo()
+
+    train(synthetic_mnist.dir, out)  # the original settings: starts over
+
+    assert "ignoring" in (tmp_path / "train.log").read_text()
+    meta = json.loads((out / "seed4" / "metadata.json").read_text())
+    assert meta["resumed_after_epoch"] is None
+    a = torch.load(out / "seed4" / "weights.pt")
+    b = torch.load(trained_straight / "seed4" / "weights.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_killed_prune_job_sweeps_only_the_networks_it_had_not_finished(
+    synthetic_mnist, trained_straight: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    straight = tmp_path / "straight"
+    prune(synthetic_mnist.dir, trained_straight, straight)
+
+    swept: list[int] = []
+    real = jobs.sweep
+
+    def second_network_killed(model, criteria, percentiles, train, test, seed):
+        swept.append(seed)
+        if seed == 7:
+            raise Killed("killed in the sweep of seed 7")
+        return real(model, criteria, percentiles, train, test, seed)
+
+    monkeypatch.setattr(jobs, "sweep", second_network_killed)
+    out = tmp_path / "prune"
+    with pytest.raises(Killed):
+        prune(synthetic_mnist.dir, trained_straight, out)
+    assert not out.exists()
+    assert sorted(p.name for p in jobs.partial_dir(out).iterdir()) == ["seed4.csv", "seed4.json"]
+
+    monkeypatch.setattr(jobs, "sweep", lambda *args: swept.append(args[-1]) or real(*args))
+    prune(synthetic_mnist.dir, trained_straight, out)
+
+    assert swept == [4, 7, 7]  # seed 4 was not swept again
+    assert not jobs.partial_dir(out).exists()
+    for name in ("seed4.csv", "seed7.csv"):
+        assert (out / name).read_bytes() == (straight / name).read_bytes()
+    assert json.loads((out / "seed4.json").read_text())["seed"] == 4
+
+
+def test_a_finished_sweep_made_with_other_settings_is_swept_again(
+    synthetic_mnist, trained_straight: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "prune"
+    coarser = {**PRUNE_SETTINGS, "prune": {**PRUNE_SETTINGS["prune"], "percentile_step": 10.0}}
+    real = jobs.sweep
+
+    def killed_at_seed_7(*args):
+        if args[-1] == 7:
+            raise Killed("killed")
+        return real(*args)
+
+    monkeypatch.setattr(jobs, "sweep", killed_at_seed_7)
+    with pytest.raises(Killed):
+        prune(synthetic_mnist.dir, trained_straight, out, coarser)
+    monkeypatch.setattr(jobs, "sweep", real)
+
+    prune(synthetic_mnist.dir, trained_straight, out)  # the finer sweep: seed 4 redone
+
+    assert len(pd.read_csv(out / "seed4.csv")) == 2 * 21
+    assert "ignoring seed 4's sweep" in (tmp_path / "prune.log").read_text()
+
+
+def test_finished_work_is_taken_up_on_another_gpu_of_the_same_kind(monkeypatch) -> None:
+    # A retry on a cluster may land on another GPU index, or on another kind of device.
+    names = {"cuda": "NVIDIA H200", "cpu": "x86_64"}
+    monkeypatch.setattr(jobs, "device_description", lambda d: f"{d} ({names[d.type]})")
+    key = {name: jobs.resume_key(SETTINGS, torch.device(name)) for name in ("cuda:0", "cuda:1")}
+    assert key["cuda:0"] == key["cuda:1"]
+    assert jobs.resume_key(SETTINGS, torch.device("cpu")) != key["cuda:0"]
+    assert jobs.resume_key(SETTINGS, torch.device("cuda:0"), weights="abc") != key["cuda:0"]
