@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -78,7 +79,6 @@ def test_a_killed_train_job_goes_on_from_its_checkpoint_to_the_same_numbers(
 
     train(synthetic_mnist.dir, out)
 
-    assert not jobs.partial_dir(out).exists()
     for seed in SETTINGS["seeds"]:
         resumed, straight = out / f"seed{seed}", trained_straight / f"seed{seed}"
         a = torch.load(resumed / "weights.pt")
@@ -92,6 +92,38 @@ def test_a_killed_train_job_goes_on_from_its_checkpoint_to_the_same_numbers(
         assert list(logged["epoch"]) == [1, 2, 3]
         assert json.loads((resumed / "metadata.json").read_text())["resumed_after_epoch"] == 1
     assert "going on after epoch 1" in (tmp_path / "train.log").read_text()
+
+
+def test_a_train_job_killed_once_done_gives_its_output_again_without_training(
+    synthetic_mnist, trained_straight: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its time limit struck as it wrote its output: Snakemake deletes the output.
+    out = tmp_path / "train"
+    train(synthetic_mnist.dir, out)
+    shutil.rmtree(out)
+    epochs_run: list[int] = []
+    real = jobs.train_networks
+
+    def counting(*args, on_epoch, **kwargs):
+        def count(epoch: int, records) -> None:
+            epochs_run.append(epoch)
+            on_epoch(epoch, records)
+
+        return real(*args, on_epoch=count, **kwargs)
+
+    monkeypatch.setattr(jobs, "train_networks", counting)
+    train(synthetic_mnist.dir, out)
+
+    assert epochs_run == []
+    assert json.loads((out / "seed7" / "metadata.json").read_text())["resumed_after_epoch"] == 3
+    a = torch.load(out / "seed7" / "weights.pt")
+    b = torch.load(trained_straight / "seed7" / "weights.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    straight_log = pd.read_csv(trained_straight / "seed7" / "log.csv")
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out / "seed7" / "log.csv").drop(columns="seconds"),
+        straight_log.drop(columns="seconds"),
+    )
 
 
 def test_a_checkpoint_made_with_other_settings_is_not_taken_up(
@@ -152,6 +184,16 @@ def test_a_killed_prune_job_sweeps_only_the_networks_it_had_not_finished(
     for name in ("seed4.csv", "seed7.csv"):
         assert (out / name).read_bytes() == (straight / name).read_bytes()
     assert json.loads((out / "seed4.json").read_text())["seed"] == 4
+
+
+def test_the_prune_job_removes_the_last_checkpoint_of_the_train_job(
+    synthetic_mnist, tmp_path: Path
+) -> None:
+    trained = tmp_path / "train"
+    train(synthetic_mnist.dir, trained)
+    assert (jobs.partial_dir(trained) / "checkpoint.pt").is_file()  # kept: see test above
+    prune(synthetic_mnist.dir, trained, tmp_path / "prune")
+    assert not jobs.partial_dir(trained).exists()
 
 
 def test_a_finished_sweep_made_with_other_settings_is_swept_again(

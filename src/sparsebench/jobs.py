@@ -7,8 +7,10 @@ A job that handles several seeds keeps what it has finished in a folder beside i
 (:func:`partial_dir`): a train job its latest checkpoint, a prune job each finished sweep.
 Snakemake deletes a failed job's output, not that folder, so a rerun (a retry after a time
 limit, say) goes on from there, when it is for the same settings, inputs, code and device,
-and gives the same numbers as an uninterrupted run. The folder goes once the output is in
-place.
+and gives the same numbers as an uninterrupted run. A prune job's folder goes once its
+output is in place. A train job's last checkpoint stays until the prune job of its networks
+has run: a train job killed as it ends (its time limit reached while its output was being
+written) would otherwise lose everything, since Snakemake then deletes the output.
 """
 
 from __future__ import annotations
@@ -157,7 +159,8 @@ def run_train_job(
 
         def on_checkpoint(progress: TrainProgress) -> None:
             nonlocal last_saved
-            if time.perf_counter() - last_saved >= checkpoint_every_s:
+            done = progress.epoch == hparams.epochs
+            if done or time.perf_counter() - last_saved >= checkpoint_every_s:
                 _save_checkpoint(checkpoint, key, progress)
                 last_saved = time.perf_counter()
 
@@ -190,7 +193,6 @@ def run_train_job(
                 train_samples=len(data.train),
             )
             (folder / "metadata.json").write_text(record)
-    shutil.rmtree(checkpoint.parent, ignore_errors=True)
 
 
 def _finished_sweep(folder: Path, seed: int, key: str) -> pd.DataFrame | None:
@@ -277,4 +279,5 @@ def run_prune_job(
             for done, final in zip(sweep_files(partial, seed), sweep_files(tmp, seed)):
                 shutil.copyfile(done, final)
     shutil.rmtree(partial)
+    shutil.rmtree(partial_dir(trained_dir), ignore_errors=True)  # the train job's checkpoint
     return frames

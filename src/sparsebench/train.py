@@ -143,10 +143,10 @@ def train_networks(
 
     ``train`` and ``test`` must already be on ``device``; the networks take their dtype.
     ``on_epoch(epoch, records)`` is called after every epoch with that epoch's record of
-    each seed; ``on_checkpoint(progress)`` after every epoch but the last, with the state
-    to go on from (references to the live tensors: save it, do not keep it). Given
-    ``resume_from`` (such a state, for the same seeds and settings), training goes on after
-    its epoch and ends with the numbers an uninterrupted run gives.
+    each seed; ``on_checkpoint(progress)`` after every epoch, with the state to go on from
+    (references to the live tensors: save it, do not keep it). Given ``resume_from`` (such
+    a state, for the same seeds and settings), training goes on after its epoch and ends
+    with the numbers an uninterrupted run gives (from the last epoch's state: no training).
     """
     unbatchable = [r.name for r in regularizers if not r.supports_batching]
     if unbatchable and len(seeds) > 1:
@@ -228,7 +228,7 @@ def train_networks(
             log.append(record)
         if on_epoch is not None:
             on_epoch(epoch, records)
-        if on_checkpoint is not None and epoch < hparams.epochs:
+        if on_checkpoint is not None:
             on_checkpoint(
                 TrainProgress(
                     epoch=epoch,
