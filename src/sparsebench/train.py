@@ -55,20 +55,23 @@ class EpochRecord:
 class TrainProgress:
     """Everything training needs to go on after ``epoch`` exactly as if it had not stopped:
     the stacked networks, Adam's state, each seed's data-order generator and the logs so far.
-    Tensors, lists and dicts only, so that a checkpoint loads with ``weights_only=True``."""
+    As a checkpoint: tensors, lists and dicts only, which load with ``weights_only=True``."""
 
     epoch: int
     networks: dict[str, Tensor]
     optimizer: dict[str, Any]
     data_order: list[Tensor]
-    logs: list[list[dict[str, Any]]]  # per seed, its EpochRecords as dicts
+    logs: list[list[EpochRecord]]  # per seed
 
     def as_checkpoint(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}  # no deep copy of tensors
+        checkpoint = {f.name: getattr(self, f.name) for f in fields(self)}  # tensors not copied
+        checkpoint["logs"] = [[asdict(record) for record in log] for log in self.logs]
+        return checkpoint
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any]) -> TrainProgress:
-        return cls(**checkpoint)
+        logs = [[EpochRecord(**row) for row in log] for log in checkpoint["logs"]]
+        return cls(**{**checkpoint, "logs": logs})
 
 
 def permutation_generators(seeds: Sequence[int], device: torch.device) -> list[torch.Generator]:
@@ -163,7 +166,7 @@ def train_networks(
         optimizer.load_state_dict(resume_from.optimizer)
         for generator, state in zip(generators, resume_from.data_order, strict=True):
             generator.set_state(state)
-        logs = [[EpochRecord(**row) for row in log] for log in resume_from.logs]
+        logs = [list(log) for log in resume_from.logs]
         first_epoch = resume_from.epoch + 1
     # Regularizers with a closed-form gradient add it to .grad after the backward pass.
     direct = [reg.writes_gradient(model.weight_matrices()) for reg in regularizers]
@@ -235,7 +238,7 @@ def train_networks(
                     networks=model.state_dict(),
                     optimizer=optimizer.state_dict(),
                     data_order=[g.get_state() for g in generators],
-                    logs=[[asdict(r) for r in log] for log in logs],
+                    logs=logs,
                 )
             )
     return model, logs
