@@ -36,9 +36,8 @@ from sparsebench.models import build_model
 from sparsebench.provenance import (
     atomic_directory,
     atomic_path,
+    code_identity,
     device_description,
-    git_commit,
-    package_versions,
     provenance,
     sha256sum,
     write_text_atomic,
@@ -78,8 +77,7 @@ def resume_key(settings: Mapping[str, Any], device: torch.device, **inputs: str)
     made_with = {
         "settings": settings,
         "device": device_description(device).replace(str(device), device.type, 1),
-        "versions": package_versions(),
-        "git_commit": git_commit(Path(__file__).resolve().parent),
+        "code": code_identity(),
         "inputs": inputs,
     }
     text = json.dumps(made_with, sort_keys=True, default=str)
@@ -238,7 +236,8 @@ def run_prune_job(
         device_name = device_description(device)
         data = load_mnist(data_dir, train_hparams.train_samples, train_hparams.subset_seed, device)
         for seed in seeds:
-            weights = seed_dir(trained_dir, seed) / "weights.pt"
+            trained_seed = seed_dir(trained_dir, seed)
+            weights = trained_seed / "weights.pt"
             key = resume_key(settings, device, weights=sha256sum(weights))
             frames[seed] = _finished_sweep(partial, seed, key)
             if frames[seed] is not None:
@@ -257,7 +256,7 @@ def run_prune_job(
             )
             seconds = time.perf_counter() - started
             log.info("swept seed %d in %.1f s on %s", seed, seconds, device)
-            trained = json.loads((seed_dir(trained_dir, seed) / "metadata.json").read_text())
+            trained = json.loads((trained_seed / "metadata.json").read_text())
             unpruned = frame.loc[frame["percentile"] == 0.0, "test_accuracy"]
             record = _seed_record(
                 ("prune", experiment, arm, seeds, settings, device_name),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -58,6 +59,19 @@ def device_description(device: Any) -> str:
     return f"{device} ({platform.machine()})"
 
 
+@functools.cache
+def _running_code() -> tuple[tuple[tuple[str, str], ...], str]:
+    versions = package_versions()
+    return tuple(versions.items()), git_commit(Path(__file__).resolve().parent)
+
+
+def code_identity() -> dict[str, Any]:
+    """The package versions and git commit of the code running here: looked up once per
+    process (a ``git status`` per record added up over a job's many seeds)."""
+    versions, commit = _running_code()
+    return {"versions": dict(versions), "git_commit": commit}
+
+
 def sha256sum(path: Path | str) -> str:
     """The hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -71,8 +85,7 @@ def provenance(**fields: Any) -> dict[str, Any]:
     """A provenance record: the given fields plus versions, commit, host and time."""
     return {
         **fields,
-        "versions": package_versions(),
-        "git_commit": git_commit(Path(__file__).resolve().parent),
+        **code_identity(),
         "host": platform.node(),
         # Which physical GPU and which cluster job, where a scheduler chose them; cuBLAS's
         # workspace setting, on which its determinism depends.
