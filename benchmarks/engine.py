@@ -12,7 +12,9 @@ Prints, on this machine (batch 64, LeNet300, real MNIST when given, else synthet
     (``--sweep-weights``); the fast path's time depends on it (margins), so its test
     accuracy is printed too;
 (e) on a GPU (or with ``--pipeline``): the main experiment end to end through
-    ``snakemake --cores all``, stage by stage (``--until``), with each stage's wall time.
+    ``snakemake --cores all``, stage by stage (``--until``), with each stage's wall time,
+    the GPUs' mean and peak utilisation during it (sampled by ``nvidia-smi``) and each
+    train job's own time (seeds x epochs of one arm, from its networks' metadata).
 
 Every ratio compares runs made in this process, interleaved, so machine load affects
 both sides alike. Epoch times can be measured on a subset of the training set
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -100,6 +104,41 @@ def engine_epoch(
     return train_networks("lenet300", seeds, built, hparams, data.train, data.test, device)[0]
 
 
+def start_gpu_sampler(period_ms: int = 200) -> subprocess.Popen[str] | None:
+    """``nvidia-smi`` printing every GPU's utilisation (percent) every ``period_ms``; None
+    where there is no ``nvidia-smi``."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    query = ["--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+    return subprocess.Popen(
+        ["nvidia-smi", *query, f"--loop-ms={period_ms}"], stdout=subprocess.PIPE, text=True
+    )
+
+
+def gpu_utilisation(sampler: subprocess.Popen[str] | None) -> str:
+    """Stop ``sampler``; its samples' mean and peak, over time and GPUs."""
+    if sampler is None:
+        return "GPU utilisation: no nvidia-smi"
+    sampler.terminate()
+    output, _ = sampler.communicate()
+    samples = [float(line) for line in output.split() if line.replace(".", "", 1).isdigit()]
+    if not samples:
+        return "GPU utilisation: no samples"
+    return f"GPU busy {statistics.mean(samples):.0f} % on average, peak {max(samples):.0f} %"
+
+
+def train_job_times(workdir: Path) -> list[tuple[str, int, int, float]]:
+    """Each train job's arm, seeds, epochs and training time, from its networks' metadata."""
+    jobs = {}
+    for path in workdir.glob("results/*/*/train/seeds*/seed*/metadata.json"):
+        record = json.loads(path.read_text())
+        job = (record["experiment"], record["arm"], tuple(record["seeds_in_job"]))
+        epochs = record["settings"]["train"]["epochs"]
+        arm = f"{record['experiment']}/{record['arm']}"
+        jobs[job] = (arm, len(job[2]), epochs, record["train_seconds_for_job"])
+    return sorted(jobs.values())
+
+
 def pipeline_stages(raw_dir: Path, extra_config: list[str]) -> None:
     """Run the main experiment through Snakemake one stage at a time; print wall times."""
     repo = Path(__file__).resolve().parents[1]
@@ -115,7 +154,7 @@ def pipeline_stages(raw_dir: Path, extra_config: list[str]) -> None:
             str(repo / "config.yaml"),
             "--cores",
             "all",
-            "--quiet",
+            "--quiet",  # not "all": that hides the errors too
             "--config",
             f"data_mirror={Path(raw_dir).resolve()}",  # snakemake runs in workdir
             *extra_config,
@@ -124,10 +163,15 @@ def pipeline_stages(raw_dir: Path, extra_config: list[str]) -> None:
         print("(e) the main experiment through snakemake --cores all, per stage")
         for stage in ("download", "train", "prune", "aggregate", "figures"):
             command = [*common, "--until", stage]
+            sampler = start_gpu_sampler()
             seconds = timed(lambda command=command: subprocess.run(command, check=True))
             total += seconds
-            print(f"    {stage:<10} {seconds:8.1f} s")
+            print(f"    {stage:<10} {seconds:8.1f} s  ({gpu_utilisation(sampler)})")
         print(f"    {'total':<10} {total:8.1f} s  (target on one H200: <= 900 s)")
+        print("    train jobs, each training its seeds together (target for 64 seeds x 100")
+        print("    epochs on one H200: <= 180 s):")
+        for arm, seeds, epochs, seconds in train_job_times(Path(workdir)):
+            print(f"      {arm:<36} {seeds:3d} seeds x {epochs:3d} epochs {seconds:8.1f} s")
 
 
 def main() -> None:
