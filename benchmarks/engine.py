@@ -127,15 +127,18 @@ def gpu_utilisation(sampler: subprocess.Popen[str] | None) -> str:
     return f"GPU busy {statistics.mean(samples):.0f} % on average, peak {max(samples):.0f} %"
 
 
-def train_job_times(workdir: Path) -> list[tuple[str, int, int, float]]:
-    """Each train job's arm, seeds, epochs and training time, from its networks' metadata."""
+def train_job_times(workdir: Path) -> list[tuple[str, int, int, float, str]]:
+    """Each train job's arm, seeds, epochs, training time and a remark (a resumed job's
+    time is its last attempt's only), from its networks' metadata."""
     jobs = {}
     for path in workdir.glob("results/*/*/train/seeds*/seed*/metadata.json"):
         record = json.loads(path.read_text())
         job = (record["experiment"], record["arm"], tuple(record["seeds_in_job"]))
         epochs = record["settings"]["train"]["epochs"]
         arm = f"{record['experiment']}/{record['arm']}"
-        jobs[job] = (arm, len(job[2]), epochs, record["train_seconds_for_job"])
+        resumed = record.get("resumed_after_epoch")
+        remark = "" if resumed is None else f"  (resumed after epoch {resumed}: that attempt only)"
+        jobs[job] = (arm, len(job[2]), epochs, record["train_seconds_for_job"], remark)
     return sorted(jobs.values())
 
 
@@ -170,8 +173,8 @@ def pipeline_stages(raw_dir: Path, extra_config: list[str]) -> None:
         print(f"    {'total':<10} {total:8.1f} s  (target on one H200: <= 900 s)")
         print("    train jobs, each training its seeds together (target for 64 seeds x 100")
         print("    epochs on one H200: <= 180 s):")
-        for arm, seeds, epochs, seconds in train_job_times(Path(workdir)):
-            print(f"      {arm:<36} {seeds:3d} seeds x {epochs:3d} epochs {seconds:8.1f} s")
+        for arm, seeds, epochs, seconds, remark in train_job_times(Path(workdir)):
+            print(f"      {arm:<36} {seeds:3d} seeds x {epochs:3d} epochs {seconds:8.1f} s{remark}")
 
 
 def main() -> None:
