@@ -161,22 +161,22 @@ def test_a_killed_prune_job_sweeps_only_the_networks_it_had_not_finished(
     prune(synthetic_mnist.dir, trained_straight, straight)
 
     swept: list[int] = []
-    real = jobs.sweep
+    real = jobs.sweep_networks
 
-    def second_network_killed(model, criteria, percentiles, train, test, seed):
-        swept.append(seed)
-        if seed == 7:
+    def second_network_killed(models, criteria, percentiles, train, test, seeds):
+        swept.extend(seeds)
+        if 7 in seeds:
             raise Killed("killed in the sweep of seed 7")
-        return real(model, criteria, percentiles, train, test, seed)
+        return real(models, criteria, percentiles, train, test, seeds)
 
-    monkeypatch.setattr(jobs, "sweep", second_network_killed)
+    monkeypatch.setattr(jobs, "sweep_networks", second_network_killed)
     out = tmp_path / "prune"
     with pytest.raises(Killed):
         prune(synthetic_mnist.dir, trained_straight, out)
     assert not out.exists()
     assert sorted(p.name for p in jobs.partial_dir(out).iterdir()) == ["seed4.csv", "seed4.json"]
 
-    monkeypatch.setattr(jobs, "sweep", lambda *args: swept.append(args[-1]) or real(*args))
+    monkeypatch.setattr(jobs, "sweep_networks", lambda *args: swept.extend(args[-1]) or real(*args))
     prune(synthetic_mnist.dir, trained_straight, out)
 
     assert swept == [4, 7, 7]  # seed 4 was not swept again
@@ -201,17 +201,17 @@ def test_a_finished_sweep_made_with_other_settings_is_swept_again(
 ) -> None:
     out = tmp_path / "prune"
     coarser = {**PRUNE_SETTINGS, "prune": {**PRUNE_SETTINGS["prune"], "percentile_step": 10.0}}
-    real = jobs.sweep
+    real = jobs.sweep_networks
 
     def killed_at_seed_7(*args):
-        if args[-1] == 7:
+        if 7 in args[-1]:
             raise Killed("killed")
         return real(*args)
 
-    monkeypatch.setattr(jobs, "sweep", killed_at_seed_7)
+    monkeypatch.setattr(jobs, "sweep_networks", killed_at_seed_7)
     with pytest.raises(Killed):
         prune(synthetic_mnist.dir, trained_straight, out, coarser)
-    monkeypatch.setattr(jobs, "sweep", real)
+    monkeypatch.setattr(jobs, "sweep_networks", real)
 
     prune(synthetic_mnist.dir, trained_straight, out)  # the finer sweep: seed 4 redone
 

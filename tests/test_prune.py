@@ -262,7 +262,7 @@ def numba_and_torch_hits(
         monkeypatch.setattr(prune, name, value)
     stats: dict = {}
     fast = prune._sweep_hits_numba(weights, biases, order, removed, test, stats)
-    slow = prune._sweep_hits_torch(weights, biases, order, removed, test)
+    slow = prune._sweep_hits_torch([weights], [biases], [order], removed, test)[0]
     truth, ties = float64_truth(weights, biases, order, removed, test)
     model_hits = int((model(test.images)[0].argmax(-1) == test.labels).sum())
     return SweepRun(fast, slow, truth, ties, stats, model_hits, len(test) * steps)
@@ -349,34 +349,56 @@ def test_torch_path_serves_float64_single_layers_and_any_percentile_order(monkey
 
 
 def test_torch_plan_drops_each_weight_once_at_its_step_rows_unique_per_slice() -> None:
-    """The torch path's plan: every pruned weight in exactly one slice of its step, in its
-    layer; no first-layer slice holds a row twice (no racing adds on a GPU); a row's drops
-    of a step in the order's order."""
+    """The torch path's plan, for two sweeps at once: every pruned weight of each sweep in
+    exactly one slice of its step, in its layer; no first-layer slice holds a row of a sweep
+    twice (no racing adds on a GPU); a row's drops of a step in the order's order."""
     generator = torch.Generator().manual_seed(3)
-    weights = [torch.randn(6, 5, generator=generator), torch.randn(4, 6, generator=generator)]
-    order = torch.randperm(54, generator=generator).numpy()
+    orders = [torch.randperm(54, generator=generator).numpy() for _ in range(2)]
     removed = [0, 10, 10, 31, 54]
-    local, plan = prune._torch_sweep_plan(weights, order, removed)
-    rank = {int(k): r for r, k in enumerate(order)}
-    seen = []
+    sweep, layer_of, local, plan = prune._torch_sweep_plan([(6, 5), (4, 6)], orders, removed)
+    ranks = [{int(k): r for r, k in enumerate(order)} for order in orders]
+    seen: list[tuple[int, int]] = []
     for s, slices in enumerate(plan):
         before = removed[s - 1] if s else 0
         assert bool(slices) == (removed[s] > before)
         for first, end, layer in slices:
-            flat = [int(k) + (30 if layer else 0) for k in local[first:end]]
-            assert all(before <= rank[k] < removed[s] for k in flat)
+            assert (layer_of[first:end] == layer).all()
+            drops = [
+                (int(b), int(k) + (30 if layer else 0))
+                for b, k in zip(sweep[first:end], local[first:end])
+            ]
+            assert all(before <= ranks[b][k] < removed[s] for b, k in drops)
             if layer == 0:
-                rows = [k // 5 for k in flat]
+                rows = [(b, k // 5) for b, k in drops]
                 assert len(set(rows)) == len(rows)
-            seen += flat
-    assert sorted(seen) == list(range(54))
+            seen += drops
+    assert sorted(seen) == [(b, k) for b in range(2) for k in range(54)]
     for slices in plan:  # within a row of the first layer: the order's order
-        by_row: dict[int, list[int]] = {}
+        by_row: dict[tuple[int, int], list[int]] = {}
         for first, end, layer in slices:
-            for k in (int(k) for k in local[first:end] if layer == 0):
-                by_row.setdefault(k // 5, []).append(rank[k])
-        assert all(ranks == sorted(ranks) for ranks in by_row.values())
+            for b, k in zip(sweep[first:end], local[first:end]):
+                if layer == 0:
+                    by_row.setdefault((int(b), int(k) // 5), []).append(ranks[b][int(k)])
+        assert all(r == sorted(r) for r in by_row.values())
     assert max(len(slices) for slices in plan) > 2  # some step has a row dropped twice
+
+
+def test_sweeps_together_equal_sweeps_one_by_one() -> None:
+    """The batched torch sweep (the GPU's) gives each network's own sweep: its kept counts
+    exactly, its hits up to float rounding of the stacked products."""
+    models = [trained_mlp((20, 16, 12, 6), seed=seed) for seed in (1, 2)]
+    test = clustered_split(300, 20, 6, seed=7)
+    percentiles = [100.0 * i / 60 for i in range(61)]
+    score_sets = [
+        criterion_scores(criterion, model, test, seed=3)
+        for model in models
+        for criterion in ("sensitivity", "random")
+    ]
+    together = prune.sweep_fast_together(
+        [m for m in models for _ in range(2)], score_sets, percentiles, test
+    )
+    for model, scores, frame in zip([m for m in models for _ in range(2)], score_sets, together):
+        assert_same_sweep(frame, sweep_reference(model, scores, percentiles, test), len(test))
 
 
 @numba_only
@@ -387,3 +409,24 @@ def test_numba_path_takes_any_percentile_order() -> None:
     percentiles = [100.0, 50.0, 0.0, 75.25, 75.25, 10.0, 99.5]
     fast = sweep_fast(model, scores, percentiles, test)
     assert_same_sweep(fast, sweep_reference(model, scores, percentiles, test), len(test))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+@pytest.mark.parametrize("layer_sizes", [(12, 9), (20, 16, 12, 6), (784, 300, 100, 10)])
+def test_networks_swept_together_on_a_gpu_equal_the_reference(layer_sizes) -> None:
+    """The prune job's GPU path: every network's sweep, each criterion, at once."""
+    device = torch.device("cuda")
+    models = [trained_mlp(layer_sizes, seed=seed).to(device) for seed in (1, 2, 3)]
+    test = clustered_split(500, layer_sizes[0], layer_sizes[-1], seed=7).to(device)
+    percentiles = [round(i * 0.5, 6) for i in range(201)]
+    criteria = ["sensitivity", "magnitude", "random"]
+    frames = prune.sweep_networks(models, criteria, percentiles, test, test, seeds=[1, 2, 3])
+    for model, seed, frame in zip(models, (1, 2, 3), frames):
+        reference = sweep(model, criteria, percentiles, test, test, seed, fast=False)
+        assert frame["criterion"].tolist() == reference["criterion"].tolist()
+        for criterion in criteria:
+            assert_same_sweep(
+                frame[frame.criterion == criterion].drop(columns="criterion"),
+                reference[reference.criterion == criterion].drop(columns="criterion"),
+                len(test),
+            )

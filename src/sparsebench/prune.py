@@ -1108,71 +1108,134 @@ def _nth_occurrence(key: np.ndarray) -> np.ndarray:
 
 
 def _torch_sweep_plan(
-    weights: Sequence[Tensor], order: np.ndarray, removed: Sequence[int]
-) -> tuple[np.ndarray, list[list[tuple[int, int, int]]]]:
-    """The drops of every step as slices of one array of within-layer indices:
-    ``(local, plan)``, ``plan[s]`` the ``(first, end, layer)`` slices of step ``s``.
+    shapes: Sequence[tuple[int, int]], orders: Sequence[np.ndarray], removed: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[tuple[int, int, int]]]]:
+    """The drops of every step of several sweeps (networks of the same ``shapes``, one
+    ``order`` each) as slices of flat arrays: ``(sweep, layer, local, plan)``, each drop's
+    sweep, layer and within-layer index, and ``plan[s]`` the ``(first, end, layer)`` slices
+    of step ``s``.
 
-    A first-layer slice never holds a row twice (a row's second drop of a step goes into
-    the next slice, in the order's order), so adding the drops into ``z1`` by rows is
-    the same sum in the same order everywhere, with no two updates of an element at once
+    A first-layer slice never holds a row of a sweep twice (a row's second drop of a step
+    goes into the next slice, in the order's order), so adding the drops into ``z1`` by rows
+    is the same sum in the same order everywhere, with no two updates of an element at once
     (on a GPU, ``index_add_`` with repeated rows adds them in any order).
     """
-    starts = np.concatenate([[0], np.cumsum([w.numel() for w in weights])])
-    step = _step_of_rank(len(order), removed)
-    layer, local = _layer_and_local(starts, order)
-    # A first-layer drop's slice: the how-many-th drop of its row at its step.
-    in_first = layer == 0
-    nth = np.zeros(len(order), dtype=np.int64)
-    units, fan_in = weights[0].shape
-    nth[in_first] = _nth_occurrence(step[in_first] * units + local[in_first] // fan_in)
-    keep = step < len(removed)
+    sizes = [rows * cols for rows, cols in shapes]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    step_of_rank = _step_of_rank(int(starts[-1]), removed)
+    units, fan_in = shapes[0]
+    parts = []
+    for b, order in enumerate(orders):
+        layer, local = _layer_and_local(starts, order)
+        # A first-layer drop's slice: the how-many-th drop of its row at its step.
+        nth = np.zeros(len(order), dtype=np.int64)
+        first = layer == 0
+        nth[first] = _nth_occurrence(step_of_rank[first] * units + local[first] // fan_in)
+        keep = step_of_rank < len(removed)
+        parts.append(
+            (step_of_rank[keep], layer[keep], nth[keep], local[keep], np.full(keep.sum(), b))
+        )
+    step, layer, nth, local, sweep = (np.concatenate(a) for a in zip(*parts))
     ranked = np.lexsort((nth, layer, step))  # stable: the order's order within a slice
-    ranked = ranked[keep[ranked]]
     plan: list[list[tuple[int, int, int]]] = [[] for _ in removed]
     key = np.stack([step[ranked], layer[ranked], nth[ranked]], axis=1)
     cuts = np.flatnonzero(np.r_[True, (key[1:] != key[:-1]).any(axis=1), True])
     for first, end in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
         plan[int(key[first, 0])].append((first, end, int(key[first, 1])))
-    return local[ranked], plan
+    return sweep[ranked], layer[ranked], local[ranked], plan
 
 
 def _sweep_hits_torch(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor],
-    order: Tensor,
+    weight_sets: Sequence[Sequence[Tensor]],
+    bias_sets: Sequence[Sequence[Tensor]],
+    orders: Sequence[Tensor],
     removed: Sequence[int],
     test: Split,
 ) -> np.ndarray:
-    """Correct predictions per step: incremental first layer, the head re-evaluated.
+    """Correct predictions per sweep and step, ``(sweeps, steps)``: several sweeps at once
+    (networks of one shape, one order each), the first layer updated incrementally and
+    the layers above re-evaluated at every step.
 
     Any device and dtype. Works in the transposed (features x samples) layout so that
-    dropping weight (i, j) of the first layer is a row update ``z1[i] -= w_ij * x[j]``.
-    The drops are planned on the host (:func:`_torch_sweep_plan`) and the hits stay on the
-    device until the end: on a GPU the loop only queues kernels, nothing in it waits.
+    dropping weight (i, j) of the first layer is a row update ``z1[i] -= w_ij * x[j]``, on
+    every sweep's stacked rows at once. The drops are planned on the host
+    (:func:`_torch_sweep_plan`) and the hits stay on the device until the end: on a GPU the
+    loop only queues kernels, nothing in it waits, and many sweeps together keep it busy.
     """
-    weights = [w.clone() for w in weights]
-    biases = [b.unsqueeze(1) for b in biases]
-    local_np, plan = _torch_sweep_plan(weights, order.cpu().numpy(), removed)
-    local = torch.from_numpy(local_np).to(order.device)
-    x_t = test.images.t().contiguous()
-    z1_t = torch.addmm(biases[0], weights[0], x_t)
-    hits = torch.zeros(len(removed), dtype=torch.int64, device=x_t.device)
+    sweeps, layers = len(weight_sets), len(weight_sets[0])
+    weights = [torch.stack([ws[i] for ws in weight_sets]).clone() for i in range(layers)]
+    biases = [torch.stack([bs[i] for bs in bias_sets]).unsqueeze(2) for i in range(layers)]
+    shapes = [tuple(w.shape[1:]) for w in weights]
+    sweep_np, layer_np, local_np, plan = _torch_sweep_plan(
+        shapes, [order.cpu().numpy() for order in orders], removed
+    )
+    units, fan_in = shapes[0]
+    incremental = layers > 1  # a one-layer network is re-evaluated from its weights
+    # What each drop changes: a first-layer drop the row of z1 (all sweeps stacked) from
+    # which it takes its input feature times the weight; any other drop, the weight itself.
+    in_z1 = (layer_np == 0) & incremental
+    sizes = np.array([rows * cols for rows, cols in shapes], dtype=np.int64)
+    target = np.where(
+        in_z1, sweep_np * units + local_np // fan_in, sweep_np * sizes[layer_np] + local_np
+    )
+    device = weights[0].device
+    target_t, cols = (
+        torch.from_numpy(a).to(device) for a in (target, np.where(in_z1, local_np % fan_in, 0))
+    )
+    flat_first = torch.from_numpy(np.where(in_z1, sweep_np * sizes[0] + local_np, 0)).to(device)
+    negated = torch.where(torch.from_numpy(in_z1).to(device), -weights[0].view(-1)[flat_first], 0)
+    x_t = test.images.t().contiguous().expand(sweeps, -1, -1)
+    z1 = torch.baddbmm(biases[0], weights[0], x_t)
+    rows_of_z1 = z1.view(sweeps * units, -1)
+    hits = torch.zeros(sweeps, len(removed), dtype=torch.int64, device=device)
     for s, slices in enumerate(plan):
-        for first, end, i in slices:
-            w, mine = weights[i], local[first:end]
-            if i == 0 and len(weights) > 1:
-                rows, cols = mine // w.shape[1], mine % w.shape[1]
-                z1_t.index_add_(0, rows, x_t[cols] * w[rows, cols].neg().unsqueeze(1))
-            w.view(-1)[mine] = 0.0
-        if len(weights) == 1:
-            h = torch.addmm(biases[0], weights[0], x_t)
-        else:
-            h = z1_t
-            for w, b in zip(weights[1:], biases[1:]):
-                h = torch.addmm(b, w, torch.relu(h))
-        hits[s] = (h.argmax(0) == test.labels).sum()
+        for first_drop, end, i in slices:
+            at = target_t[first_drop:end]
+            if i == 0 and incremental:
+                moved = x_t[0].index_select(0, cols[first_drop:end])
+                rows_of_z1.index_add_(0, at, moved * negated[first_drop:end].unsqueeze(1))
+            else:
+                weights[i].view(-1).index_fill_(0, at, 0.0)
+        h = z1 if incremental else torch.baddbmm(biases[0], weights[0], x_t)
+        for w, b in zip(weights[1:], biases[1:]):
+            h = torch.baddbmm(b, w, torch.relu(h))
+        hits[:, s] = (h.argmax(1) == test.labels).sum(1)
     return hits.cpu().numpy()
+
+
+def _sweep_frame(
+    names: Sequence[str],
+    sizes: Sequence[int],
+    order: Tensor,
+    percentiles: Sequence[float],
+    hits_by_count: Mapping[int, int],
+    samples: int,
+) -> pd.DataFrame:
+    """The sweep's rows, in the percentiles' order, from the hits at each removal count."""
+    removed = removal_counts(sum(sizes), percentiles)
+    # Kept counts per layer: the layer's weights not among the first `removed` of the order.
+    layer_of = np.searchsorted(np.cumsum(sizes), order.cpu().numpy(), side="right")
+    gone = np.zeros((len(names), len(order) + 1), dtype=np.int64)
+    for i in range(len(names)):
+        gone[i, 1:] = np.cumsum(layer_of == i)
+    rows = []
+    for p, count in zip(percentiles, removed):
+        kept = [sizes[i] - int(gone[i, count]) for i in range(len(names))]
+        rows.append(_record(kept, names, p, 100.0 * int(hits_by_count[count]) / samples))
+    return pd.DataFrame(rows)
+
+
+def _ascending_counts(total: int, percentiles: Sequence[float]) -> list[int]:
+    """The removal counts of ``percentiles`` in the order a sweep walks them (ascending)."""
+    return sorted(removal_counts(total, percentiles))
+
+
+def _network_tensors(model: StackedMLP) -> tuple[list[str], list[Tensor], list[Tensor]]:
+    """Network 0's layer names, weight matrices and biases."""
+    names = list(model.weight_matrices())
+    weights = [model.layers[n].weight[0].detach() for n in names]
+    biases = [model.layers[n].bias[0].detach() for n in names]
+    return names, weights, biases
 
 
 @torch.no_grad()
@@ -1185,20 +1248,15 @@ def sweep_fast(
     refresh of the layers above the first (see "The fast sweep" above) runs in parallel over
     chunks of samples, then the exact tail; otherwise (CUDA, float64, one layer, no numba)
     the torch path updates the first layer incrementally and re-evaluates the layers above
-    at every percentile.
+    at every percentile (:func:`sweep_fast_together` runs many such sweeps at once).
     Percentiles may come in any order; kept counts are exact, accuracies equal the
     reference's up to float rounding.
     """
     global _numba_sweep_broken
-    names = list(model.weight_matrices())
-    weights = [model.layers[n].weight[0].detach() for n in names]
-    biases = [model.layers[n].bias[0].detach() for n in names]
+    names, weights, biases = _network_tensors(model)
     order = pruning_order({n: scores[n] for n in names})
     sizes = [w.numel() for w in weights]
-    removed = removal_counts(sum(sizes), percentiles)
-    # Walk the removal counts in increasing order whatever the order of the percentiles.
-    walk = sorted(range(len(removed)), key=lambda k: removed[k])
-    ascending = [removed[k] for k in walk]
+    ascending = _ascending_counts(sum(sizes), percentiles)
     hits = None
     if (
         numba is not None
@@ -1214,18 +1272,42 @@ def sweep_fast(
             _numba_sweep_broken = True
             warnings.warn(f"numba sweep failed ({err!r}); using the torch path", stacklevel=2)
     if hits is None:
-        hits = _sweep_hits_torch(weights, biases, order, ascending, test)
-    # Kept counts per layer: the layer's weights not among the first `removed` of the order.
-    layer_of = np.searchsorted(np.cumsum(sizes), order.cpu().numpy(), side="right")
-    gone = np.zeros((len(names), len(order) + 1), dtype=np.int64)
-    for i in range(len(names)):
-        gone[i, 1:] = np.cumsum(layer_of == i)
-    n = len(test.labels)
-    rows = [None] * len(removed)
-    for step, k in enumerate(walk):
-        kept = [sizes[i] - int(gone[i, removed[k]]) for i in range(len(names))]
-        rows[k] = _record(kept, names, percentiles[k], 100.0 * int(hits[step]) / n)
-    return pd.DataFrame(rows)
+        hits = _sweep_hits_torch([weights], [biases], [order], ascending, test)[0]
+    by_count = dict(zip(ascending, np.asarray(hits).tolist()))
+    return _sweep_frame(names, sizes, order, percentiles, by_count, len(test.labels))
+
+
+@torch.no_grad()
+def sweep_fast_together(
+    models: Sequence[StackedMLP],
+    score_sets: Sequence[Mapping[str, Tensor]],
+    percentiles: Sequence[float],
+    test: Split,
+) -> list[pd.DataFrame]:
+    """:func:`sweep_fast` of network 0 of each model with its scores, all with the torch
+    path at once (the GPU's way: one kernel per step serves every sweep); one frame each."""
+    tensors = [_network_tensors(model) for model in models]
+    names = tensors[0][0]
+    orders = [pruning_order({n: scores[n] for n in names}) for scores in score_sets]
+    sizes = [w.numel() for w in tensors[0][1]]
+    ascending = _ascending_counts(sum(sizes), percentiles)
+    hits = _sweep_hits_torch(
+        [t[1] for t in tensors], [t[2] for t in tensors], orders, ascending, test
+    )
+    return [
+        _sweep_frame(
+            names, sizes, order, percentiles, dict(zip(ascending, row.tolist())), len(test.labels)
+        )
+        for order, row in zip(orders, hits)
+    ]
+
+
+def _by_criterion(criteria: Sequence[str], frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """One network's sweeps (one frame per criterion) as one frame with a ``criterion``
+    column."""
+    for criterion, frame in zip(criteria, frames):
+        frame.insert(0, "criterion", criterion)
+    return pd.DataFrame(pd.concat(frames, ignore_index=True))
 
 
 def sweep(
@@ -1239,10 +1321,39 @@ def sweep(
 ) -> pd.DataFrame:
     """The whole sweep of network 0 for every criterion: one frame, a ``criterion`` column."""
     run = sweep_fast if fast else sweep_reference
-    frames = []
-    for criterion in criteria:
-        scores = criterion_scores(criterion, model, train, seed)
-        frame = run(model, scores, percentiles, test)
-        frame.insert(0, "criterion", criterion)
-        frames.append(frame)
-    return pd.DataFrame(pd.concat(frames, ignore_index=True))
+    frames = [
+        run(model, criterion_scores(criterion, model, train, seed), percentiles, test)
+        for criterion in criteria
+    ]
+    return _by_criterion(criteria, frames)
+
+
+def sweep_networks(
+    models: Sequence[StackedMLP],
+    criteria: Sequence[str],
+    percentiles: Sequence[float],
+    train: Split,
+    test: Split,
+    seeds: Sequence[int],
+) -> list[pd.DataFrame]:
+    """:func:`sweep` of network 0 of each model (made from ``seeds``), one frame each. On a
+    GPU all their sweeps run together (:func:`sweep_fast_together`: one sweep alone leaves
+    the GPU waiting on kernel launches); elsewhere one after another."""
+    if next(models[0].parameters()).device.type != "cuda":
+        return [
+            sweep(model, criteria, percentiles, train, test, seed)
+            for model, seed in zip(models, seeds)
+        ]
+    score_sets = [
+        criterion_scores(criterion, model, train, seed)
+        for model, seed in zip(models, seeds)
+        for criterion in criteria
+    ]
+    frames = sweep_fast_together(
+        [model for model in models for _ in criteria], score_sets, percentiles, test
+    )
+    per_network = len(criteria)
+    return [
+        _by_criterion(criteria, frames[k * per_network : (k + 1) * per_network])
+        for k in range(len(models))
+    ]
