@@ -62,12 +62,17 @@ float32 or float64 as given:
   the parallel ones (compiled only when torch runs more than one thread) on
   this project's 2-core machine; numba's on-disk cache (``cache=True``) then
   makes every later process load them in about 0.3 s. Where numba is missing,
-  fails to compile, for other dtypes, and on CUDA tensors, it falls back to
-  the eager closed form (separable 1-D passes by slicing a padded tensor);
-  on CUDA that eager form is a handful of kernel launches (wrap it in
-  ``torch.compile`` if that ever matters). ``BACKEND`` (default from the
-  environment variable ``SPARSEBENCH_ENTROPY_BACKEND``: ``auto``, ``numba`` or
-  ``eager``) forces a path.
+  fails to compile, and for other dtypes, it falls back to the eager closed
+  form (separable 1-D passes by slicing a padded tensor).
+- On CUDA (float32 / float64), the same two passes as Triton kernels
+  (:mod:`sparsebench.entropy_triton`): the values without autograd and the
+  in-place gradient; the eager form there is some twenty kernel launches over
+  W per step, more than the rest of a training step. Where Triton is missing
+  or cannot compile, the eager form, with a warning.
+
+``BACKEND`` (default from the environment variable
+``SPARSEBENCH_ENTROPY_BACKEND``: ``auto``, ``numba``, ``triton`` or ``eager``)
+forces a path.
 """
 
 from __future__ import annotations
@@ -90,7 +95,9 @@ EPS = 1e-18
 """Guard inside both logs: ``log(0.5 S + EPS**2)`` and ``log(A + EPS)``."""
 
 BACKEND = os.environ.get("SPARSEBENCH_ENTROPY_BACKEND", "auto")
-"""``auto`` (numba on CPU when available, else eager), ``numba`` or ``eager``."""
+"""``auto`` (numba on CPU, Triton on CUDA, where they work; else eager), ``numba``,
+``triton`` or ``eager``."""
+BACKENDS = ("auto", "numba", "triton", "eager")
 
 _EPS2 = EPS * EPS
 # The kernels below work with the unnormalised integer Scharr kernels (32 x the
@@ -489,7 +496,7 @@ def _warm_up(dtype: torch.dtype, parallel: bool) -> None:
 
 
 def _numba_usable(w: Tensor) -> bool:
-    if BACKEND == "eager" or numba is None or _numba_broken:
+    if BACKEND in ("eager", "triton") or numba is None or _numba_broken:
         return False
     return w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64)
 
@@ -510,8 +517,8 @@ def _fused(ws: list[Tensor]) -> Tensor:
 
 def _fused_usable(ws: Sequence[Tensor]) -> bool:
     """Whether the fused kernels take these stacks (the ``BACKEND`` setting included)."""
-    if BACKEND not in ("auto", "numba", "eager"):
-        raise ValueError(f"BACKEND must be 'auto', 'numba' or 'eager', not {BACKEND!r}")
+    if BACKEND not in BACKENDS:
+        raise ValueError(f"BACKEND must be one of {BACKENDS}, not {BACKEND!r}")
     usable = all(_numba_usable(w) for w in ws) and len({(w.dtype, w.shape[0]) for w in ws}) == 1
     if BACKEND == "numba" and not usable:
         raise RuntimeError(
@@ -535,6 +542,66 @@ def _give_up_numba(err: Exception) -> None:
     )
 
 
+# ----------------------------------------------------------------------------
+# Triton kernels (CUDA, float32/float64).
+
+_triton_state: dict[str, object] = {"module": None, "broken": False, "checked": set()}
+
+
+def _triton_kernels(dtype: torch.dtype = torch.float32):
+    """:mod:`sparsebench.entropy_triton`, imported (and its kernels compiled for ``dtype`` on
+    a small matrix) on first use; None where Triton is missing or fails here (said once,
+    loudly)."""
+    if _triton_state["broken"]:
+        return None
+    if dtype not in _triton_state["checked"]:
+        try:
+            from sparsebench import entropy_triton
+
+            w = torch.linspace(-1, 1, 12, device="cuda", dtype=dtype).view(1, 3, 4)
+            out = torch.zeros_like(w)
+            s, a = entropy_triton.entropy_sums(w)
+            entropy_triton.add_gradient(w, out, (1 / s).to(dtype), (1 / a).to(dtype))
+            if not bool(torch.isfinite(out).all()) or not bool(out.abs().sum() > 0):
+                raise RuntimeError("Triton kernels gave wrong values on a test matrix")
+        except Exception as err:
+            if BACKEND == "triton":
+                raise
+            _triton_state["broken"] = True
+            warnings.warn(
+                f"Triton kernels for configuration entropy failed ({err!r}); "
+                "falling back to the eager closed form",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+        _triton_state["module"] = entropy_triton
+        _triton_state["checked"].add(dtype)
+    return _triton_state["module"]
+
+
+def _triton_usable(ws: Sequence[Tensor]) -> bool:
+    """Whether the Triton kernels take these stacks (and work here)."""
+    on_gpu = all(w.device.type == "cuda" and w.dtype in (torch.float32, torch.float64) for w in ws)
+    usable = (
+        BACKEND in ("auto", "triton")
+        and on_gpu
+        and len({(w.dtype, w.shape[0], w.device) for w in ws}) == 1
+    )
+    if BACKEND == "triton" and not usable:
+        raise RuntimeError(
+            "BACKEND='triton' but these weights are not CUDA float32/float64 stacks of one "
+            f"K: {[(str(w.device), w.dtype, w.shape[0]) for w in ws]}"
+        )
+    return usable and _triton_kernels(ws[0].dtype) is not None
+
+
+def _triton_sums(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(H_C, S_raw, A)`` per matrix of a stack on the GPU (H in ``w``'s dtype)."""
+    s_raw, a = _triton_kernels(w.dtype).entropy_sums(w.detach().contiguous())
+    return _entropy_from_sums(s_raw, a).to(w.dtype), s_raw, a
+
+
 def _entropy_sum(ws: list[Tensor]) -> Tensor:
     """Sum of ``H_C`` over stacks ``(K, out_l, in_l)``: the fused kernels or the eager form."""
     if _fused_usable(ws):
@@ -542,6 +609,9 @@ def _entropy_sum(ws: list[Tensor]) -> Tensor:
             return _fused(ws)
         except Exception as err:
             _give_up_numba(err)
+    needs_grad = torch.is_grad_enabled() and any(w.requires_grad for w in ws)
+    if not needs_grad and _triton_usable(ws):
+        return torch.stack([_triton_sums(w)[0] for w in ws]).sum(0)
     return _eager(ws[0]) if len(ws) == 1 else torch.stack([_eager(w) for w in ws]).sum(0)
 
 
@@ -550,8 +620,10 @@ def in_place_gradient_available(weights: Sequence[Tensor]) -> bool:
     tensors that the fused kernels take, compiled (a JIT that fails here falls back to
     the eager form, with the warning, and this returns False)."""
     ws = list(weights)
-    if not ws or any(w.dim() != 3 or not w.is_leaf for w in ws) or not _fused_usable(ws):
+    if not ws or any(w.dim() != 3 or not w.is_leaf for w in ws):
         return False
+    if not _fused_usable(ws):
+        return _triton_usable(ws)
     try:
         _ensure_compiled(ws[0].dtype)
     except Exception as err:
@@ -569,26 +641,42 @@ def add_entropy_gradient(weights: Sequence[Tensor], scale: float) -> Tensor:
     nothing is summed by autograd, which costs more than the kernels on small networks.
     A missing ``.grad`` is created. Needs :func:`in_place_gradient_available`.
     """
-    arrays = [_as_array(w) for w in weights]
-    g = np.full(arrays[0].shape[0], scale, dtype=arrays[0].dtype)  # one K and dtype for all
-    total = None
-    for w, wn in zip(weights, arrays):
+    for w in weights:
         if w.grad is None:
             w.grad = torch.zeros_like(w)
         elif not w.grad.is_contiguous():
             w.grad = w.grad.contiguous()
+    if weights[0].device.type == "cuda":
+        return _add_entropy_gradient_triton(weights, scale)
+    arrays = [_as_array(w) for w in weights]
+    g = np.full(arrays[0].shape[0], scale, dtype=arrays[0].dtype)  # one K and dtype for all
+    total = None
+    for w, wn in zip(weights, arrays):
         h, sums = _numba_value(wn)
         _add_gradient(wn, g, sums, w.grad.numpy())
         total = h if total is None else total + h
     return torch.from_numpy(total)
 
 
+def _add_entropy_gradient_triton(weights: Sequence[Tensor], scale: float) -> Tensor:
+    """:func:`add_entropy_gradient` on the GPU: nothing waits for the host."""
+    total = None
+    for w in weights:
+        h, s_raw, a = _triton_sums(w)
+        c1 = (scale / (s_raw + 2 * _SCALE * _EPS2)).to(w.dtype)
+        c2 = (scale / (a + EPS)).to(w.dtype)
+        _triton_kernels(w.dtype).add_gradient(w.detach().contiguous(), w.grad, c1, c2)
+        total = h if total is None else total + h
+    return total
+
+
 def configuration_entropy(weight: Tensor) -> Tensor:
     """``H_C`` per matrix, fast, with the closed-form gradient; ``(K, out, in) -> (K,)``.
 
     A single ``(out, in)`` matrix gives a 0-d tensor. Fused numba kernels on CPU
-    float32/float64, else (CUDA, other dtypes, no numba, ``BACKEND == "eager"``)
-    the eager separable closed form. If the numba kernels fail to compile or run
+    float32/float64, Triton's on CUDA for values without autograd, else (other
+    dtypes, no numba, autograd on CUDA, ``BACKEND == "eager"``) the eager
+    separable closed form. If the numba kernels fail to compile or run
     here, a ``RuntimeWarning`` is issued once and the eager form is used from
     then on (with ``BACKEND == "numba"`` the error is raised instead).
     """
