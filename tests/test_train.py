@@ -15,6 +15,8 @@ from sparsebench.regularizers import configuration_entropy as ce
 from sparsebench.train import NonFiniteLossError, train_networks
 
 DEVICE = torch.device("cpu")
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
 HPARAMS = TrainHparams(lr=1e-3, epochs=2, batch_size=16, eval_batch_size=64)
 
 
@@ -51,18 +53,25 @@ ARMS = {
 }
 
 
+def regs_of(arm: str) -> list[regularizers.Regularizer]:
+    return [regularizers.build(spec) for spec in ARMS[arm]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arm", sorted(ARMS))
-def test_batched_seeds_equal_separate_runs(arm: str) -> None:
-    """In double precision, so that Adam's normalised steps cannot amplify rounding."""
+def test_batched_seeds_equal_separate_runs(arm: str, device: str) -> None:
+    """In double precision, so that Adam's normalised steps cannot amplify rounding. On a
+    GPU the full batches' steps are CUDA-graph replays, the epochs' last ones eager."""
     seeds = [0, 1, 2]
-    train, test = (Split(s.images.double(), s.labels) for s in (TRAIN, TEST))
+    device = torch.device(device)
+    train, test = (Split(s.images.double(), s.labels).to(device) for s in (TRAIN, TEST))
 
     def regs() -> list[regularizers.Regularizer]:
-        return [regularizers.build(spec) for spec in ARMS[arm]]
+        return regs_of(arm)
 
-    stacked, stacked_logs = train_networks("lenet300", seeds, regs(), HPARAMS, train, test, DEVICE)
+    stacked, stacked_logs = train_networks("lenet300", seeds, regs(), HPARAMS, train, test, device)
     for k, seed in enumerate(seeds):
-        alone, alone_logs = train_networks("lenet300", [seed], regs(), HPARAMS, train, test, DEVICE)
+        alone, alone_logs = train_networks("lenet300", [seed], regs(), HPARAMS, train, test, device)
         for name, w in stacked.weight_matrices().items():
             torch.testing.assert_close(
                 w[k], alone.weight_matrices()[name][0], rtol=1e-9, atol=1e-10
@@ -154,3 +163,22 @@ def test_a_regularizer_that_cannot_batch_trains_one_seed_and_refuses_more(
         train_networks(
             "lenet300", [5, 6], [unbatchable_regularizer()], HPARAMS, TRAIN, TEST, DEVICE
         )
+
+
+@needs_cuda
+@pytest.mark.parametrize("arm", ["none", "entropy+wd"])
+def test_cuda_graph_replays_give_the_eager_numbers(arm: str) -> None:
+    """float32: a replayed step runs the eager step's kernels on the same tensors."""
+    device = torch.device("cuda")
+    train, test = TRAIN.to(device), TEST.to(device)
+    hparams = TrainHparams(lr=1e-3, epochs=3, batch_size=16, eval_batch_size=64)
+    runs = [
+        train_networks("lenet300", [0, 1], regs_of(arm), hparams, train, test, device, cuda_graph=g)
+        for g in (True, False)
+    ]
+    (graphed, graphed_logs), (eager, eager_logs) = runs
+    for name, w in graphed.weight_matrices().items():
+        assert torch.equal(w, eager.weight_matrices()[name]), name
+    assert [r.as_row() | {"seconds": 0} for r in graphed_logs[1]] == [
+        r.as_row() | {"seconds": 0} for r in eager_logs[1]
+    ]

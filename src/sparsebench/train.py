@@ -10,6 +10,7 @@ permutations drawn on the device, with no per-sample Python work.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -124,10 +125,111 @@ def make_optimizer(
     if hparams.optimizer != "adam":
         raise ValueError(f"unknown optimizer {hparams.optimizer!r}")
     # One fused kernel for the whole update instead of a dozen element-wise passes; the
-    # arithmetic is Adam's (coupled L2 included), so the numbers do not depend on it.
+    # arithmetic is Adam's (coupled L2 included), so the numbers do not depend on it. On a GPU
+    # it can be captured in a CUDA graph (its step count already lives on the device).
+    on_gpu = next(model.parameters()).device.type == "cuda"
     return torch.optim.Adam(
-        model.parameters(), lr=hparams.lr, weight_decay=weight_decay, fused=True
+        model.parameters(), lr=hparams.lr, weight_decay=weight_decay, fused=True, capturable=on_gpu
     )
+
+
+#: Eager steps before a training step is captured as a CUDA graph (cuBLAS handles, Adam's
+#: state and kernel compilation all happen in these), as torch's CUDA-graph notes ask.
+GRAPH_WARMUP_STEPS = 3
+
+
+class TrainStep:
+    """One optimizer step of the stacked networks on a batch of per-seed indices ``(K, B)``,
+    adding each network's loss and objective to :attr:`loss_sum` and :attr:`objective_sum`.
+
+    On a GPU the full-size batch's step is captured once as a CUDA graph (after
+    :data:`GRAPH_WARMUP_STEPS` eager ones) and replayed: the same kernels on the same
+    tensors, without the Python and launch overhead that otherwise leaves the GPU idle most
+    of the time at this network size. Other batch sizes (an epoch's last, short batch) and
+    the CPU run eagerly.
+    """
+
+    def __init__(
+        self,
+        model: StackedMLP,
+        optimizer: torch.optim.Optimizer,
+        regularizers: Sequence[Regularizer],
+        train: Split,
+        hparams: TrainHparams,
+        use_graph: bool,
+    ) -> None:
+        self.model, self.optimizer, self.regularizers = model, optimizer, list(regularizers)
+        self.train, self.lr = train, hparams.lr
+        device = train.images.device
+        k = model.num_networks
+        self.loss_sum = torch.zeros(k, device=device)
+        self.objective_sum = torch.zeros(k, device=device)
+        # Regularizers with a closed-form gradient add it to .grad after the backward pass.
+        self.direct = [reg.writes_gradient(model.weight_matrices()) for reg in self.regularizers]
+        self.graph_batch = hparams.batch_size if use_graph and device.type == "cuda" else None
+        self.eager_full_steps = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_index: Tensor | None = None
+
+    def __call__(self, index: Tensor) -> None:
+        if self.graph_batch is None or index.shape[1] != self.graph_batch:
+            self._step(index)
+        elif self.graph is not None:
+            self.graph_index.copy_(index)
+            self.graph.replay()
+        elif self.eager_full_steps < GRAPH_WARMUP_STEPS:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._step(index)
+            torch.cuda.current_stream().wait_stream(side)
+            self.eager_full_steps += 1
+        else:
+            try:
+                self.graph_index = index.clone()
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):  # records the step; runs nothing
+                    self._step(self.graph_index)
+            except Exception as err:  # something in the step that cannot be captured
+                warnings.warn(
+                    f"the training step could not be captured as a CUDA graph ({err!r}); "
+                    "training goes on with eager steps (same numbers, slower)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self.graph, self.graph_batch = None, None
+                self._step(index)  # the capture ran none of it
+                return
+            self.graph.replay()
+
+    def _step(self, index: Tensor) -> None:
+        k = self.model.num_networks
+        logits = self.model(self.train.images[index])
+        loss = (
+            F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]),
+                self.train.labels[index].reshape(-1),
+                reduction="none",
+            )
+            .view(k, -1)
+            .mean(1)
+        )
+        objective = loss
+        weights = self.model.weight_matrices()
+        for reg, writes in zip(self.regularizers, self.direct):
+            term = None if writes else reg.loss_term(weights)
+            if term is not None:
+                objective = objective + term
+        self.optimizer.zero_grad(set_to_none=True)
+        objective.sum().backward()
+        for reg, writes in zip(self.regularizers, self.direct):
+            if writes:
+                objective = objective + reg.add_loss_gradient(weights)
+        self.optimizer.step()
+        for reg in self.regularizers:
+            reg.after_step(self.model.weight_matrices(), self.lr)
+        self.loss_sum.add_(loss.detach())
+        self.objective_sum.add_(objective.detach())
 
 
 def train_networks(
@@ -141,6 +243,7 @@ def train_networks(
     on_epoch: Callable[[int, list[EpochRecord]], None] | None = None,
     on_checkpoint: Callable[[TrainProgress], None] | None = None,
     resume_from: TrainProgress | None = None,
+    cuda_graph: bool = True,
 ) -> tuple[StackedMLP, list[list[EpochRecord]]]:
     """Train one network per seed under ``regularizers``; return the model and per-seed logs.
 
@@ -150,6 +253,8 @@ def train_networks(
     (references to the live tensors: save it, do not keep it). Given ``resume_from`` (such
     a state, for the same seeds and settings), training goes on after its epoch and ends
     with the numbers an uninterrupted run gives (from the last epoch's state: no training).
+    ``cuda_graph``: on a GPU, replay the training step as a CUDA graph (see
+    :class:`TrainStep`); the numbers are the eager ones.
     """
     unbatchable = [r.name for r in regularizers if not r.supports_batching]
     if unbatchable and len(seeds) > 1:
@@ -168,52 +273,26 @@ def train_networks(
             generator.set_state(state)
         logs = [list(log) for log in resume_from.logs]
         first_epoch = resume_from.epoch + 1
-    # Regularizers with a closed-form gradient add it to .grad after the backward pass.
-    direct = [reg.writes_gradient(model.weight_matrices()) for reg in regularizers]
+    step = TrainStep(model, optimizer, regularizers, train, hparams, use_graph=cuda_graph)
 
     for epoch in range(first_epoch, hparams.epochs + 1):
         started = time.perf_counter()
         model.train()
         order = epoch_permutations(n, generators, device)
-        loss_sum = torch.zeros(k, device=device)
-        objective_sum = torch.zeros(k, device=device)
+        step.loss_sum.zero_()
+        step.objective_sum.zero_()
         steps = 0
         for start in range(0, n, batch):
-            index = order[:, start : start + batch]
-            logits = model(train.images[index])
-            loss = (
-                F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]),
-                    train.labels[index].reshape(-1),
-                    reduction="none",
-                )
-                .view(k, -1)
-                .mean(1)
-            )
-            objective = loss
-            weights = model.weight_matrices()
-            for reg, writes in zip(regularizers, direct):
-                term = None if writes else reg.loss_term(weights)
-                if term is not None:
-                    objective = objective + term
-            optimizer.zero_grad(set_to_none=True)
-            objective.sum().backward()
-            for reg, writes in zip(regularizers, direct):
-                if writes:
-                    objective = objective + reg.add_loss_gradient(weights)
-            optimizer.step()
-            for reg in regularizers:
-                reg.after_step(model.weight_matrices(), hparams.lr)
-            loss_sum += loss.detach()
-            objective_sum += objective.detach()
+            step(order[:, start : start + batch])
             steps += 1
 
-        check_finite(objective_sum, seeds, epoch)
+        check_finite(step.objective_sum, seeds, epoch)
         model.eval()
         with torch.no_grad():
             weights = model.weight_matrices()
             reg_values = [reg.value(weights).cpu() for reg in regularizers]
         test_loss, test_accuracy = evaluate(model, test, hparams.eval_batch_size)
+        loss_sum, objective_sum = step.loss_sum.cpu(), step.objective_sum.cpu()  # waits for it
         seconds = time.perf_counter() - started
         records = [
             EpochRecord(
