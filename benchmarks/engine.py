@@ -145,10 +145,11 @@ def train_job_times(workdir: Path) -> list[tuple[str, int, int, float, str]]:
 def pipeline_stages(raw_dir: Path, extra_config: list[str]) -> None:
     """Run the main experiment through Snakemake one stage at a time; print wall times."""
     repo = Path(__file__).resolve().parents[1]
-    snakemake = Path(sys.executable).with_name("snakemake")
     with tempfile.TemporaryDirectory() as workdir:
         common = [
-            str(snakemake),
+            sys.executable,  # this interpreter's snakemake, wherever its scripts went
+            "-m",
+            "snakemake",
             "--snakefile",
             str(repo / "Snakefile"),
             "--directory",
