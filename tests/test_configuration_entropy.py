@@ -397,3 +397,25 @@ def test_triton_that_cannot_run_falls_back_to_eager_once(monkeypatch):
     with pytest.warns(RuntimeWarning, match="falling back to the eager"):
         assert ce._triton_kernels(torch.float32) is None
     assert ce._triton_kernels(torch.float64) is None  # eager from now on, without asking again
+
+
+def test_triton_kernels_compile_for_a_hopper_gpu_without_one():
+    """What the interpreter does not check: Triton's compiler takes the kernels, float32 and
+    float64, down to sm_90 machine code (the H100/H200's), with no GPU needed."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this Triton has no ahead-of-time compiler API")
+    from sparsebench import entropy_triton as et
+
+    blocks = {"BR": et.BLOCK_ROWS, "BC": et.BLOCK_COLS}
+    sizes = {"n": "i32", "m": "i32", "tiles_c": "i32", "BR": "constexpr", "BC": "constexpr"}
+    for dtype in ("fp32", "fp64"):
+        sums = {"w_ptr": f"*{dtype}", "s_ptr": "*fp64", "a_ptr": "*fp64", **sizes}
+        grad = {name: f"*{dtype}" for name in ("w_ptr", "g_ptr", "c1_ptr", "c2_ptr")} | sizes
+        for kernel, signature in ((et._sums_kernel, sums), (et._grad_kernel, grad)):
+            source = ASTSource(fn=kernel, signature=signature, constexprs=blocks)
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+            assert len(compiled.asm["cubin"]) > 0

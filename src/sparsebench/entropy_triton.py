@@ -22,8 +22,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_ROWS = 16
-BLOCK_COLS = 128
+# A program's tile. The gradient keeps 21 neighbours of each of its elements live: compiled
+# for sm_90 (ptxas -v), 8 x 64 takes 86 registers a thread in float32 and 140 in float64,
+# without spills, where 16 x 128 spilled (255 registers).
+BLOCK_ROWS = 8
+BLOCK_COLS = 64
 
 
 @triton.jit
