@@ -180,7 +180,8 @@ def sweep_reference(
 #
 # The CPU path is numba (chunks of samples in parallel, each chunk walking a segment of steps
 # per call) with torch's BLAS for the exact tail; without numba, on other devices and for
-# other dtypes, a torch path updates z1 incrementally and re-evaluates the head at every step.
+# other dtypes, a torch path updates z1 incrementally and re-evaluates the head at every step
+# (for many networks and orders at once on a GPU: :func:`sweep_fast_together`).
 
 try:
     import numba
