@@ -412,9 +412,15 @@ def test_numba_path_takes_any_percentile_order() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+@pytest.mark.parametrize("at_once", [None, 2])  # as many as fit / groups of two sweeps
 @pytest.mark.parametrize("layer_sizes", [(12, 9), (20, 16, 12, 6), (784, 300, 100, 10)])
-def test_networks_swept_together_on_a_gpu_equal_the_reference(layer_sizes) -> None:
-    """The prune job's GPU path: every network's sweep, each criterion, at once."""
+def test_networks_swept_together_on_a_gpu_equal_the_reference(
+    layer_sizes, at_once, monkeypatch
+) -> None:
+    """The prune job's GPU path: every network's sweep, each criterion, at once (or in
+    groups, where the GPU's free memory holds fewer)."""
+    if at_once is not None:
+        monkeypatch.setattr(prune, "sweeps_at_once", lambda *args: at_once)
     device = torch.device("cuda")
     models = [trained_mlp(layer_sizes, seed=seed).to(device) for seed in (1, 2, 3)]
     test = clustered_split(500, layer_sizes[0], layer_sizes[-1], seed=7).to(device)

@@ -50,9 +50,10 @@ log = logging.getLogger("sparsebench")
 #: A train job saves a checkpoint after an epoch once this long has passed since the last.
 CHECKPOINT_EVERY_S = 300.0
 
-#: Networks a prune job sweeps at once, by device type: on a GPU their sweeps share every
-#: kernel launch (192 sweeps of LeNet300 on the 10,000 test images: about 6 GB); on a CPU
-#: one after another, each saved as soon as it is done.
+#: Networks a prune job sweeps in one go, by device type: on a GPU their sweeps share every
+#: kernel launch (as many at once as half the free memory holds, :func:`prune.sweeps_at_once`:
+#: 64 LeNet300s x 3 criteria on the 10,000 test images need about 8.4 GB); on a CPU one
+#: after another, each saved as soon as it is done.
 NETWORKS_SWEPT_TOGETHER = {"cpu": 1, "cuda": 64}
 
 

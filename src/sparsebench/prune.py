@@ -1350,11 +1350,36 @@ def sweep_networks(
         for model, seed in zip(models, seeds)
         for criterion in criteria
     ]
-    frames = sweep_fast_together(
-        [model for model in models for _ in criteria], score_sets, percentiles, test
-    )
+    repeated = [model for model in models for _ in criteria]
+    free, _ = torch.cuda.mem_get_info(test.images.device)
+    at_once = sweeps_at_once(free, sweep_bytes(models[0], len(test.labels)))
+    frames = [
+        frame
+        for first in range(0, len(repeated), at_once)
+        for frame in sweep_fast_together(
+            repeated[first : first + at_once],
+            score_sets[first : first + at_once],
+            percentiles,
+            test,
+        )
+    ]
     per_network = len(criteria)
     return [
         _by_criterion(criteria, frames[k * per_network : (k + 1) * per_network])
         for k in range(len(models))
     ]
+
+
+def sweep_bytes(model: StackedMLP, samples: int) -> int:
+    """About the most device memory one sweep of :func:`sweep_fast_together` holds at once:
+    every layer's outputs for every sample (the first's three times: pre-activations, their
+    relu and the rows being updated; the others' twice) and its weights twice."""
+    _, weights, _ = _network_tensors(model)
+    outputs = [w.shape[0] for w in weights]
+    values = samples * (3 * outputs[0] + 2 * sum(outputs[1:]))
+    return weights[0].element_size() * (values + 2 * sum(w.numel() for w in weights))
+
+
+def sweeps_at_once(free_bytes: int, per_sweep: int, share: float = 0.5) -> int:
+    """How many sweeps to run together in ``share`` of the free device memory (at least one)."""
+    return max(1, int(share * free_bytes) // per_sweep)
