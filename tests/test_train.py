@@ -65,13 +65,13 @@ def test_batched_seeds_equal_separate_runs(arm: str, device: str) -> None:
     seeds = [0, 1, 2]
     device = torch.device(device)
     train, test = (Split(s.images.double(), s.labels).to(device) for s in (TRAIN, TEST))
-
-    def regs() -> list[regularizers.Regularizer]:
-        return regs_of(arm)
-
-    stacked, stacked_logs = train_networks("lenet300", seeds, regs(), HPARAMS, train, test, device)
+    stacked, stacked_logs = train_networks(
+        "lenet300", seeds, regs_of(arm), HPARAMS, train, test, device
+    )
     for k, seed in enumerate(seeds):
-        alone, alone_logs = train_networks("lenet300", [seed], regs(), HPARAMS, train, test, device)
+        alone, alone_logs = train_networks(
+            "lenet300", [seed], regs_of(arm), HPARAMS, train, test, device
+        )
         for name, w in stacked.weight_matrices().items():
             torch.testing.assert_close(
                 w[k], alone.weight_matrices()[name][0], rtol=1e-9, atol=1e-10

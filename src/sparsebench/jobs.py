@@ -242,10 +242,10 @@ def run_prune_job(
     with claim_device(settings["device"]) as device:
         device_name = device_description(device)
         data = load_mnist(data_dir, train_hparams.train_samples, train_hparams.subset_seed, device)
+        weights = {seed: seed_dir(trained_dir, seed) / "weights.pt" for seed in seeds}
         keys = {}
         for seed in seeds:
-            weights = seed_dir(trained_dir, seed) / "weights.pt"
-            keys[seed] = resume_key(settings, device, weights=sha256sum(weights))
+            keys[seed] = resume_key(settings, device, weights=sha256sum(weights[seed]))
             frames[seed] = _finished_sweep(partial, seed, keys[seed])
             if frames[seed] is not None:
                 log.info("seed %d: its sweep from an earlier run, in %s", seed, partial)
@@ -255,8 +255,7 @@ def run_prune_job(
             models = []
             for seed in group:
                 model = build_model(settings["model"], [seed], device)
-                weights = seed_dir(trained_dir, seed) / "weights.pt"
-                model.load_network_state_dicts([torch.load(weights, map_location=device)])
+                model.load_network_state_dicts([torch.load(weights[seed], map_location=device)])
                 models.append(model)
             started = time.perf_counter()
             swept = sweep_networks(

@@ -1273,7 +1273,7 @@ def sweep_fast(
             _numba_sweep_broken = True
             warnings.warn(f"numba sweep failed ({err!r}); using the torch path", stacklevel=2)
     if hits is None:
-        hits = _sweep_hits_torch([weights], [biases], [order], ascending, test)[0]
+        return sweep_fast_together([model], [scores], percentiles, test)[0]
     by_count = dict(zip(ascending, np.asarray(hits).tolist()))
     return _sweep_frame(names, sizes, order, percentiles, by_count, len(test.labels))
 
