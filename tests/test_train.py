@@ -10,7 +10,7 @@ import torch
 from sparsebench import regularizers
 from sparsebench.config import TrainHparams
 from sparsebench.data import Split
-from sparsebench.models import build_model
+from sparsebench.models import StackedLinear, build_model, stacked_affine
 from sparsebench.regularizers import configuration_entropy as ce
 from sparsebench.train import NonFiniteLossError, train_networks
 
@@ -40,6 +40,31 @@ def test_each_stacked_copy_is_initialised_from_its_own_seed() -> None:
     assert not torch.equal(stacked.layers["fc1"].weight[0], stacked.layers["fc1"].weight[1])
     bound = 1 / math.sqrt(784)
     assert stacked.layers["fc1"].weight.abs().max() <= bound
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_stacked_layer_computes_what_separate_linear_layers_do(device: str) -> None:
+    layer = StackedLinear(3, 7, 5).to(device, torch.float64)
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(3, 4, 7, dtype=torch.float64, device=device, requires_grad=True)
+    out = layer(x)
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    for k in range(3):
+        alone = torch.nn.Linear(7, 5).to(device, torch.float64)
+        with torch.no_grad():
+            alone.weight.copy_(layer.weight[k])
+            alone.bias.copy_(layer.bias[k])
+        xk = x[k].detach().requires_grad_()
+        out_k = alone(xk)
+        out_k.backward(upstream[k])
+        torch.testing.assert_close(out[k], out_k)
+        torch.testing.assert_close(layer.weight.grad[k], alone.weight.grad)
+        torch.testing.assert_close(layer.bias.grad[k], alone.bias.grad)
+        torch.testing.assert_close(x.grad[k], xk.grad)
+    inputs = (x.detach(), layer.weight.detach(), layer.bias.detach())
+    assert torch.autograd.gradcheck(stacked_affine, [t.requires_grad_() for t in inputs])
 
 
 ARMS = {

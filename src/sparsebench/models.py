@@ -15,6 +15,37 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+
+class _StackedAffine(torch.autograd.Function):
+    """``bias + x W^T`` for stacked ``x`` (K, B, in), ``W`` (K, out, in), ``bias`` (K, out).
+
+    Autograd through ``baddbmm(bias, x, W.transpose(1, 2))`` computes the gradient of the
+    transposed view, ``x^T g``, and then copies it into ``W``'s layout: an extra pass over
+    every weight each step (on an H200 at K = 64, copies were 28 % of a step's GPU work; on
+    this project's 2-core CPU, 4 stacked seeds train an epoch 1.28x faster without it).
+    Here the weight gradient is ``g^T x``, made in ``W``'s layout; the values are the same
+    (bitwise, on the CPU).
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        return grad_x, torch.bmm(grad.transpose(1, 2), x), grad.sum(1)
+
+
+def stacked_affine(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``bias + x W^T`` per stacked copy: ``x`` (K, B, in), ``weight`` (K, out, in), ``bias``
+    (K, out) -> (K, B, out)."""
+    return _StackedAffine.apply(x, weight, bias)
 
 
 class StackedLinear(nn.Module):
@@ -31,7 +62,7 @@ class StackedLinear(nn.Module):
         """``x`` of shape (K, B, in), or (B, in) shared by all K networks -> (K, B, out)."""
         if x.dim() == 2:
             return torch.matmul(x, self.weight.transpose(1, 2)) + self.bias.unsqueeze(1)
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+        return stacked_affine(x, self.weight, self.bias)
 
 
 class StackedMLP(nn.Module):
