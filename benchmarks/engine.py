@@ -128,8 +128,8 @@ def gpu_utilisation(sampler: subprocess.Popen[str] | None) -> str:
 
 
 def train_job_times(workdir: Path) -> list[tuple[str, int, int, float, str]]:
-    """Each train job's arm, seeds, epochs, training time and a remark (a resumed job's
-    time is its last attempt's only), from its networks' metadata."""
+    """Each train job's arm, seeds, epochs, training time (over all its attempts) and a
+    remark, from its networks' metadata."""
     jobs = {}
     for path in workdir.glob("results/*/*/train/seeds*/seed*/metadata.json"):
         record = json.loads(path.read_text())
@@ -137,7 +137,7 @@ def train_job_times(workdir: Path) -> list[tuple[str, int, int, float, str]]:
         epochs = record["settings"]["train"]["epochs"]
         arm = f"{record['experiment']}/{record['arm']}"
         resumed = record.get("resumed_after_epoch")
-        remark = "" if resumed is None else f"  (resumed after epoch {resumed}: that attempt only)"
+        remark = "" if resumed is None else f"  (resumed after epoch {resumed})"
         jobs[job] = (arm, len(job[2]), epochs, record["train_seconds_for_job"], remark)
     return sorted(jobs.values())
 

@@ -101,6 +101,7 @@ def test_a_train_job_killed_once_done_gives_its_output_again_without_training(
     out = tmp_path / "train"
     train(synthetic_mnist.dir, out)
     shutil.rmtree(out)
+    checkpoint = torch.load(jobs.partial_dir(out) / "checkpoint.pt", weights_only=True)
     epochs_run: list[int] = []
     real = jobs.train_networks
 
@@ -115,7 +116,14 @@ def test_a_train_job_killed_once_done_gives_its_output_again_without_training(
     train(synthetic_mnist.dir, out)
 
     assert epochs_run == []
-    assert json.loads((out / "seed7" / "metadata.json").read_text())["resumed_after_epoch"] == 3
+    meta = json.loads((out / "seed7" / "metadata.json").read_text())
+    assert meta["resumed_after_epoch"] == 3
+    # The training time is the first attempt's (all 3 epochs), not the rerun's few moments.
+    epoch_seconds = pd.read_csv(out / "seed7" / "log.csv")["seconds"].sum()
+    assert checkpoint["train_seconds"] >= epoch_seconds
+    assert meta["train_seconds_for_job"] == pytest.approx(
+        checkpoint["train_seconds"] + meta["train_seconds_this_attempt"]
+    )
     a = torch.load(out / "seed7" / "weights.pt")
     b = torch.load(trained_straight / "seed7" / "weights.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)

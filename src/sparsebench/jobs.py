@@ -90,20 +90,22 @@ def resume_key(settings: Mapping[str, Any], device: torch.device, **inputs: str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _load_checkpoint(path: Path, key: str) -> TrainProgress | None:
-    """The training state saved at ``path`` if it was made under ``key``."""
+def _load_checkpoint(path: Path, key: str) -> tuple[TrainProgress, float] | None:
+    """The training state saved at ``path`` if it was made under ``key``, with the seconds
+    of training it took (over all attempts)."""
     if not path.exists():
         return None
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if checkpoint.pop("resume_key", None) != key:
         log.info("ignoring %s: made with other settings, inputs, code or device", path)
         return None
-    return TrainProgress.from_checkpoint(checkpoint)
+    seconds = float(checkpoint.pop("train_seconds"))
+    return TrainProgress.from_checkpoint(checkpoint), seconds
 
 
-def _save_checkpoint(path: Path, key: str, progress: TrainProgress) -> None:
+def _save_checkpoint(path: Path, key: str, progress: TrainProgress, seconds: float) -> None:
     with atomic_path(path) as tmp:
-        torch.save({**progress.as_checkpoint(), "resume_key": key}, tmp)
+        torch.save({**progress.as_checkpoint(), "resume_key": key, "train_seconds": seconds}, tmp)
 
 
 def _seed_record(
@@ -139,7 +141,10 @@ def run_train_job(
 
     Every epoch is appended to ``log_path`` as it finishes, so a failing run (a NaN
     loss, say) keeps what it had computed. A checkpoint is saved after an epoch every
-    ``checkpoint_every_s`` seconds (and read back by a rerun: see the module's notes).
+    ``checkpoint_every_s`` seconds (and read back by a rerun: see the module's notes). The
+    metadata's ``train_seconds_for_job`` is the training the networks took over all attempts
+    (each earlier one up to the checkpoint that was taken up), ``train_seconds_this_attempt``
+    the last attempt's.
     """
     _configure(threads, log_path)
     hparams = TrainHparams(**settings["train"])
@@ -155,7 +160,7 @@ def run_train_job(
         log.info("experiment %s arm %s seeds %s on %s", experiment, arm, seeds, device)
         device_name = device_description(device)
         key = resume_key(settings, device)
-        resume_from = _load_checkpoint(checkpoint, key)
+        resume_from, seconds_before = _load_checkpoint(checkpoint, key) or (None, 0.0)
         if resume_from is not None:
             log.info("going on after epoch %d, from %s", resume_from.epoch, checkpoint)
         data = load_mnist(data_dir, hparams.train_samples, hparams.subset_seed, device)
@@ -165,7 +170,8 @@ def run_train_job(
             nonlocal last_saved
             done = progress.epoch == hparams.epochs
             if done or time.perf_counter() - last_saved >= checkpoint_every_s:
-                _save_checkpoint(checkpoint, key, progress)
+                seconds = seconds_before + time.perf_counter() - started
+                _save_checkpoint(checkpoint, key, progress, seconds)
                 last_saved = time.perf_counter()
 
         model, logs = train_networks(
@@ -191,7 +197,8 @@ def run_train_job(
             record = _seed_record(
                 ("train", experiment, arm, seeds, settings, device_name),
                 seed,
-                train_seconds_for_job=seconds,
+                train_seconds_for_job=seconds_before + seconds,
+                train_seconds_this_attempt=seconds,
                 resumed_after_epoch=None if resume_from is None else resume_from.epoch,
                 final_test_accuracy=logs[k][-1].test_accuracy,
                 train_samples=len(data.train),
