@@ -170,8 +170,8 @@ def run_train_job(
             nonlocal last_saved
             done = progress.epoch == hparams.epochs
             if done or time.perf_counter() - last_saved >= checkpoint_every_s:
-                seconds = seconds_before + time.perf_counter() - started
-                _save_checkpoint(checkpoint, key, progress, seconds)
+                so_far = seconds_before + time.perf_counter() - started
+                _save_checkpoint(checkpoint, key, progress, so_far)
                 last_saved = time.perf_counter()
 
         model, logs = train_networks(
