@@ -36,10 +36,14 @@ class _StackedAffine(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+    def backward(
+        ctx: FunctionCtx, grad: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x, weight = ctx.saved_tensors
-        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
-        return grad_x, torch.bmm(grad.transpose(1, 2), x), grad.sum(1)
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad
+        grad_x = torch.bmm(grad, weight) if needs_x else None
+        grad_weight = torch.bmm(grad.transpose(1, 2), x) if needs_weight else None
+        return grad_x, grad_weight, grad.sum(1) if needs_bias else None
 
 
 def stacked_affine(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
