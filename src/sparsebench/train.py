@@ -286,13 +286,13 @@ def train_networks(
             step(order[:, start : start + batch])
             steps += 1
 
-        check_finite(step.objective_sum, seeds, epoch)
+        loss_sum, objective_sum = step.loss_sum.cpu(), step.objective_sum.cpu()  # waits for it
+        check_finite(objective_sum, seeds, epoch)
         model.eval()
         with torch.no_grad():
             weights = model.weight_matrices()
             reg_values = [reg.value(weights).cpu() for reg in regularizers]
         test_loss, test_accuracy = evaluate(model, test, hparams.eval_batch_size)
-        loss_sum, objective_sum = step.loss_sum.cpu(), step.objective_sum.cpu()  # waits for it
         seconds = time.perf_counter() - started
         records = [
             EpochRecord(
