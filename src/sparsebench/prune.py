@@ -1125,6 +1125,7 @@ def _torch_sweep_plan(
     starts = np.concatenate([[0], np.cumsum(sizes)])
     step_of_rank = _step_of_rank(int(starts[-1]), removed)
     units, fan_in = shapes[0]
+    keep = step_of_rank < len(removed)  # by rank: the same for every order
     parts = []
     for b, order in enumerate(orders):
         layer, local = _layer_and_local(starts, order)
@@ -1132,7 +1133,6 @@ def _torch_sweep_plan(
         nth = np.zeros(len(order), dtype=np.int64)
         first = layer == 0
         nth[first] = _nth_occurrence(step_of_rank[first] * units + local[first] // fan_in)
-        keep = step_of_rank < len(removed)
         parts.append(
             (step_of_rank[keep], layer[keep], nth[keep], local[keep], np.full(keep.sum(), b))
         )
