@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -132,6 +137,74 @@ def test_a_train_job_killed_once_done_gives_its_output_again_without_training(
         pd.read_csv(out / "seed7" / "log.csv").drop(columns="seconds"),
         straight_log.drop(columns="seconds"),
     )
+
+
+# A train job in its own process, pausing a second after each logged epoch so that the
+# test's signal lands between two epochs.
+TRAIN_WITH_PAUSES = """
+import json, sys, time
+from pathlib import Path
+from sparsebench import jobs
+
+def with_pauses(*args, on_epoch, _train=jobs.train_networks, **kwargs):
+    def logged_then_paused(epoch, records):
+        on_epoch(epoch, records)
+        time.sleep(1.0)
+    return _train(*args, on_epoch=logged_then_paused, **kwargs)
+
+jobs.train_networks = with_pauses
+data_dir, out_dir, log_path, settings = sys.argv[1:]
+jobs.run_train_job(Path(data_dir), Path(out_dir), Path(log_path), "x", "arm", json.loads(settings))
+"""
+
+
+@pytest.mark.parametrize(
+    "signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"]
+)
+def test_a_train_job_asked_to_stop_saves_its_epoch_and_the_rerun_goes_on_from_there(
+    signal_number: int, synthetic_mnist, trained_straight: Path, tmp_path: Path
+) -> None:
+    # A cluster's time limit or scancel (SIGTERM), Ctrl-C (SIGINT); the checkpoint interval
+    # (5 minutes) is far off.
+    out, log_path = tmp_path / "train", tmp_path / "train.log"
+    arguments = [str(synthetic_mnist.dir), str(out), str(log_path), json.dumps(SETTINGS)]
+    job = subprocess.Popen([sys.executable, "-c", TRAIN_WITH_PAUSES, *arguments])
+    deadline = time.monotonic() + 120
+    while '"epoch": 1,' not in (log_path.read_text() if log_path.exists() else ""):
+        assert job.poll() is None, "the job ended before its first epoch"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    job.send_signal(signal_number)
+    assert job.wait(timeout=120) != 0
+
+    name = signal.Signals(signal_number).name
+    stopped = re.search(rf"stopped by {name} after epoch (\d+)", log_path.read_text())
+    assert stopped is not None
+    epoch = int(stopped.group(1))
+    assert 1 <= epoch < SETTINGS["train"]["epochs"]
+    assert not out.exists()
+
+    train(synthetic_mnist.dir, out)
+
+    assert f"going on after epoch {epoch}" in log_path.read_text()
+    for seed in SETTINGS["seeds"]:
+        a = torch.load(out / f"seed{seed}" / "weights.pt")
+        b = torch.load(trained_straight / f"seed{seed}" / "weights.pt")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_more_sigterms_wait_for_the_epoch_but_a_second_ctrl_c_stops_at_once() -> None:
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with jobs.stop_requests() as stop:
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # SLURM's time limit sends it more than once
+        assert stop.signal_name == "SIGTERM"
+    with jobs.stop_requests() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.signal_name == "SIGINT"
+        with pytest.raises(jobs.JobStopped, match="second SIGINT"):
+            signal.raise_signal(signal.SIGINT)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_a_checkpoint_made_with_other_settings_is_not_taken_up(

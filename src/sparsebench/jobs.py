@@ -11,16 +11,25 @@ and gives the same numbers as an uninterrupted run. A prune job's folder goes on
 output is in place. A train job's last checkpoint stays until the prune job of its networks
 has run: a train job killed as it ends (its time limit reached while its output was being
 written) would otherwise lose everything, since Snakemake then deletes the output.
+
+A train job asked to stop (SIGTERM: a cluster's time limit or ``scancel``; SIGINT: Ctrl-C)
+finishes its current epoch, saves a checkpoint and exits with :class:`JobStopped`, so it
+loses at most that epoch whatever the checkpoint interval (a cluster's grace period before
+SIGKILL, SLURM's ``KillWait``, must be longer than an epoch); a second Ctrl-C stops it at
+once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +64,44 @@ CHECKPOINT_EVERY_S = 300.0
 #: 64 LeNet300s x 3 criteria on the 10,000 test images need about 8.4 GB); on a CPU one
 #: after another, each saved as soon as it is done.
 NETWORKS_SWEPT_TOGETHER = {"cpu": 1, "cuda": 64}
+
+
+class JobStopped(RuntimeError):
+    """A job stopped by a signal; what it had finished is kept for its rerun."""
+
+
+class StopRequest:
+    """Whether the job was asked to stop (SIGTERM, SIGINT) and by which signal: noted for the
+    job to stop at its next safe point. A second SIGINT (Ctrl-C twice) stops it at once; more
+    SIGTERMs do not (SLURM sends the job a time limit's SIGTERM more than once)."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def on_signal(self, number: int, frame: object) -> None:
+        name = signal.Signals(number).name
+        if self.signal_name is None:
+            self.signal_name = name
+            log.warning("%s received: stopping at the end of this epoch, after a checkpoint", name)
+        elif number == signal.SIGINT:
+            raise JobStopped(f"stopped at once by a second {name}")
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[StopRequest]:
+    """SIGTERM and SIGINT noted in a :class:`StopRequest` while the block runs (the handlers
+    before it are put back after). Off the main thread, which signals never reach, nothing
+    is caught."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    before = {s: signal.signal(s, request.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield request
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
 
 
 def _configure(threads: int, log_path: Path) -> None:
@@ -141,10 +188,11 @@ def run_train_job(
 
     Every epoch is appended to ``log_path`` as it finishes, so a failing run (a NaN
     loss, say) keeps what it had computed. A checkpoint is saved after an epoch every
-    ``checkpoint_every_s`` seconds (and read back by a rerun: see the module's notes). The
-    metadata's ``train_seconds_for_job`` is the training the networks took over all attempts
-    (each earlier one up to the checkpoint that was taken up), ``train_seconds_this_attempt``
-    the last attempt's.
+    ``checkpoint_every_s`` seconds, and after the current one when SIGTERM or SIGINT asks
+    the job to stop (:class:`JobStopped` then); a rerun goes on from it (see the module's
+    notes). The metadata's ``train_seconds_for_job`` is the training the networks took over
+    all attempts (each earlier one up to the checkpoint that was taken up),
+    ``train_seconds_this_attempt`` the last attempt's.
     """
     _configure(threads, log_path)
     hparams = TrainHparams(**settings["train"])
@@ -156,7 +204,8 @@ def run_train_job(
             log.info("seed %d %s", seed, json.dumps(record.as_row()))
 
     checkpoint = partial_dir(out_dir) / "checkpoint.pt"
-    with claim_device(settings["device"]) as device:
+    # Signals are caught once the device is claimed: a job still waiting for a GPU just ends.
+    with claim_device(settings["device"]) as device, stop_requests() as stop:
         log.info("experiment %s arm %s seeds %s on %s", experiment, arm, seeds, device)
         device_name = device_description(device)
         key = resume_key(settings, device)
@@ -169,10 +218,18 @@ def run_train_job(
         def on_checkpoint(progress: TrainProgress) -> None:
             nonlocal last_saved
             done = progress.epoch == hparams.epochs
-            if done or time.perf_counter() - last_saved >= checkpoint_every_s:
+            stopping = stop.signal_name is not None and not done
+            if done or stopping or time.perf_counter() - last_saved >= checkpoint_every_s:
                 so_far = seconds_before + time.perf_counter() - started
                 _save_checkpoint(checkpoint, key, progress, so_far)
                 last_saved = time.perf_counter()
+            if stopping:
+                message = (
+                    f"stopped by {stop.signal_name} after epoch {progress.epoch}; a rerun goes "
+                    f"on from its checkpoint {checkpoint}"
+                )
+                log.error(message)
+                raise JobStopped(message)
 
         model, logs = train_networks(
             settings["model"],
