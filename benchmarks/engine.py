@@ -14,7 +14,9 @@ Prints, on this machine (batch 64, LeNet300, real MNIST when given, else synthet
 (e) on a GPU (or with ``--pipeline``): the main experiment end to end through
     ``snakemake --cores all``, stage by stage (``--until``), with each stage's wall time,
     the GPUs' mean and peak utilisation during it (sampled by ``nvidia-smi``) and each
-    train job's own time (seeds x epochs of one arm, from its networks' metadata).
+    train job's own time (seeds x epochs of one arm, from its networks' metadata). With
+    ``--pipeline-dir`` and ``--pipeline-budget`` it stops cleanly after that many seconds,
+    and the next call with the same folder goes on (for machines lent by the slice).
 
 Every ratio compares runs made in this process, interleaved, so machine load affects
 both sides alike. Epoch times can be measured on a subset of the training set
@@ -26,9 +28,12 @@ both sides alike. Epoch times can be measured on a subset of the training set
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -142,10 +147,52 @@ def train_job_times(workdir: Path) -> list[tuple[str, int, int, float, str]]:
     return sorted(jobs.values())
 
 
-def pipeline_stages(raw_dir: Path, extra_config: list[str]) -> None:
-    """Run the main experiment through Snakemake one stage at a time; print wall times."""
+STAGES = ("download", "train", "prune", "aggregate", "figures")
+
+
+def run_for_at_most(command: list[str], seconds: float | None) -> tuple[float, bool]:
+    """Run ``command`` in its own process group until it ends or ``seconds`` pass, then stop
+    it as Ctrl-C in a terminal would (Snakemake stops, its train jobs save a checkpoint
+    after their epoch). Returns the wall time and whether the command finished."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, start_new_session=True)
+    try:
+        process.wait(timeout=seconds)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt) as stop:
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait()
+        if isinstance(stop, KeyboardInterrupt):
+            raise
+        return time.perf_counter() - started, False
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, command)
+    return time.perf_counter() - started, True
+
+
+def pipeline_stages(
+    raw_dir: Path, extra_config: list[str], folder: Path | None, budget_s: float | None
+) -> None:
+    """Run the main experiment through Snakemake one stage at a time; print wall times.
+
+    In ``folder`` (else a temporary one) the run can be stopped after ``budget_s`` seconds
+    and continued by the next call with the same folder: Snakemake reruns what is missing,
+    train jobs go on from their checkpoints, and each stage's time is the sum over calls
+    (kept in ``engine_stages.json`` there).
+    """
     repo = Path(__file__).resolve().parents[1]
-    with tempfile.TemporaryDirectory() as workdir:
+    with contextlib.ExitStack() as stack:
+        if folder is None:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        folder.mkdir(parents=True, exist_ok=True)
+        record_path = folder / "engine_stages.json"
+        record = {"pipeline_config": list(extra_config), "calls": []}
+        if record_path.exists():
+            record = json.loads(record_path.read_text())
+            if record["pipeline_config"] != list(extra_config):
+                sys.exit(
+                    f"{folder} holds a run made with --pipeline-config "
+                    f"{record['pipeline_config']}; give another --pipeline-dir"
+                )
         common = [
             sys.executable,  # this interpreter's snakemake, wherever its scripts went
             "-m",
@@ -153,28 +200,49 @@ def pipeline_stages(raw_dir: Path, extra_config: list[str]) -> None:
             "--snakefile",
             str(repo / "Snakefile"),
             "--directory",
-            workdir,
+            str(folder),
             "--configfile",
             str(repo / "config.yaml"),
             "--cores",
             "all",
             "--quiet",  # not "all": that hides the errors too
+            "--rerun-incomplete",
             "--config",
-            f"data_mirror={Path(raw_dir).resolve()}",  # snakemake runs in workdir
+            f"data_mirror={Path(raw_dir).resolve()}",  # snakemake runs in the folder
             *extra_config,
         ]
-        total = 0.0
+        deadline = None if budget_s is None else time.monotonic() + budget_s
         print("(e) the main experiment through snakemake --cores all, per stage")
-        for stage in ("download", "train", "prune", "aggregate", "figures"):
-            command = [*common, "--until", stage]
-            sampler = start_gpu_sampler()
-            seconds = timed(lambda command=command: subprocess.run(command, check=True))
+        finished = {call["stage"] for call in record["calls"] if call["finished"]}
+        for stage in (stage for stage in STAGES if stage not in finished):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                seconds, done, utilisation = 0.0, False, ""
+            else:
+                sampler = start_gpu_sampler()
+                seconds, done = run_for_at_most([*common, "--until", stage], left)
+                utilisation = gpu_utilisation(sampler)
+                record["calls"].append(
+                    {"stage": stage, "seconds": seconds, "finished": done, "gpu": utilisation}
+                )
+                record_path.write_text(json.dumps(record, indent=1))
+            if not done:
+                print(
+                    f"    stopped in stage {stage} after the --pipeline-budget; run the same"
+                    f" command again to go on from there (--pipeline-dir {folder})"
+                )
+                return
+        total = 0.0
+        for stage in STAGES:
+            calls = [call for call in record["calls"] if call["stage"] == stage]
+            seconds = sum(call["seconds"] for call in calls)
             total += seconds
-            print(f"    {stage:<10} {seconds:8.1f} s  ({gpu_utilisation(sampler)})")
+            over = "" if len(calls) == 1 else f"; over {len(calls)} calls, the last one's"
+            print(f"    {stage:<10} {seconds:8.1f} s  ({calls[-1]['gpu']}{over})")
         print(f"    {'total':<10} {total:8.1f} s  (target on one H200: <= 900 s)")
         print("    train jobs, each training its seeds together (target for 64 seeds x 100")
         print("    epochs on one H200: <= 180 s):")
-        for arm, seeds, epochs, seconds, remark in train_job_times(Path(workdir)):
+        for arm, seeds, epochs, seconds, remark in train_job_times(folder):
             print(f"      {arm:<36} {seeds:3d} seeds x {epochs:3d} epochs {seconds:8.1f} s{remark}")
 
 
@@ -196,7 +264,19 @@ def main() -> None:
     parser.add_argument(
         "--pipeline-config", nargs="*", default=[], help="extra --config items for (e)"
     )
+    parser.add_argument(
+        "--pipeline-dir",
+        type=Path,
+        help="(e)'s working folder, kept: a later call with it goes on where this one stopped",
+    )
+    parser.add_argument(
+        "--pipeline-budget",
+        type=float,
+        help="seconds (e) may run in this call (with --pipeline-dir); then it stops cleanly",
+    )
     args = parser.parse_args()
+    if args.pipeline_budget is not None and args.pipeline_dir is None:
+        parser.error("--pipeline-budget needs --pipeline-dir, where the next call goes on")
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     skip = set(args.skip.split(","))
@@ -300,7 +380,7 @@ def main() -> None:
         print(f"    fast speed-up: {reference_full / fast:.1f}x  (target: fast <= 3 s)\n")
 
     if args.pipeline or (device.type == "cuda" and "e" not in skip):
-        pipeline_stages(raw_dir, args.pipeline_config)
+        pipeline_stages(raw_dir, args.pipeline_config, args.pipeline_dir, args.pipeline_budget)
     tmp.cleanup()
 
 
