@@ -417,5 +417,9 @@ def test_triton_kernels_compile_for_a_hopper_gpu_without_one():
         grad = {name: f"*{dtype}" for name in ("w_ptr", "g_ptr", "c1_ptr", "c2_ptr")} | sizes
         for kernel, signature in ((et._sums_kernel, sums), (et._grad_kernel, grad)):
             source = ASTSource(fn=kernel, signature=signature, constexprs=blocks)
-            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+            compiled = triton.compile(
+                source,
+                target=GPUTarget("cuda", 90, 32),
+                options={"enable_fp_fusion": et.FP_FUSION},
+            )
             assert len(compiled.asm["cubin"]) > 0

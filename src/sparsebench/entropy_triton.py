@@ -27,6 +27,9 @@ from torch import Tensor
 # without spills, where 16 x 128 spilled (255 registers).
 BLOCK_ROWS = 8
 BLOCK_COLS = 64
+# Multiply-adds fused, as in the CPU kernels (numba's fastmath), said explicitly: Triton
+# 3.9 warns that its default turns to unfused in 3.10, which would change the rounding.
+FP_FUSION = True
 
 
 @triton.jit
@@ -125,7 +128,17 @@ def entropy_sums(w: Tensor) -> tuple[Tensor, Tensor]:
     grid, tiles_c = _grid(w)
     s = torch.empty(grid[1], grid[0], dtype=torch.float64, device=w.device)
     a = torch.empty_like(s)
-    _sums_kernel[grid](w, s, a, w.shape[1], w.shape[2], tiles_c, BR=BLOCK_ROWS, BC=BLOCK_COLS)
+    _sums_kernel[grid](
+        w,
+        s,
+        a,
+        w.shape[1],
+        w.shape[2],
+        tiles_c,
+        BR=BLOCK_ROWS,
+        BC=BLOCK_COLS,
+        enable_fp_fusion=FP_FUSION,
+    )
     return s.sum(1), a.sum(1)
 
 
@@ -134,5 +147,14 @@ def add_gradient(w: Tensor, out: Tensor, c1: Tensor, c2: Tensor) -> None:
     ``c1`` and ``c2`` of shape ``(K,)`` in ``w``'s dtype."""
     grid, tiles_c = _grid(w)
     _grad_kernel[grid](
-        w, out, c1, c2, w.shape[1], w.shape[2], tiles_c, BR=BLOCK_ROWS, BC=BLOCK_COLS
+        w,
+        out,
+        c1,
+        c2,
+        w.shape[1],
+        w.shape[2],
+        tiles_c,
+        BR=BLOCK_ROWS,
+        BC=BLOCK_COLS,
+        enable_fp_fusion=FP_FUSION,
     )
