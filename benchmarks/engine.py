@@ -216,15 +216,12 @@ def pipeline_stages(
         finished = {call["stage"] for call in record["calls"] if call["finished"]}
         for stage in (stage for stage in STAGES if stage not in finished):
             left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                seconds, done, utilisation = 0.0, False, ""
-            else:
+            done = False
+            if left is None or left > 0:
                 sampler = start_gpu_sampler()
                 seconds, done = run_for_at_most([*common, "--until", stage], left)
-                utilisation = gpu_utilisation(sampler)
-                record["calls"].append(
-                    {"stage": stage, "seconds": seconds, "finished": done, "gpu": utilisation}
-                )
+                call = {"stage": stage, "seconds": seconds, "finished": done}
+                record["calls"].append({**call, "gpu": gpu_utilisation(sampler)})
                 record_path.write_text(json.dumps(record, indent=1))
             if not done:
                 print(
