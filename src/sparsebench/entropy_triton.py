@@ -123,38 +123,25 @@ def _grid(w: Tensor) -> tuple[tuple[int, int], int]:
     return (triton.cdiv(n, BLOCK_ROWS) * tiles_c, kk), tiles_c
 
 
+def _launch(kernel: triton.JITFunction, w: Tensor, *pointers: Tensor) -> None:
+    """``kernel`` over the tiles of the stack ``w``, given ``w`` and ``pointers``."""
+    grid, tiles_c = _grid(w)
+    n, m = w.shape[1], w.shape[2]
+    kernel[grid](
+        w, *pointers, n, m, tiles_c, BR=BLOCK_ROWS, BC=BLOCK_COLS, enable_fp_fusion=FP_FUSION
+    )
+
+
 def entropy_sums(w: Tensor) -> tuple[Tensor, Tensor]:
     """``(S_raw, A)`` of every matrix of a C-contiguous stack ``(K, n, m)``, float64 ``(K,)``."""
-    grid, tiles_c = _grid(w)
-    s = torch.empty(grid[1], grid[0], dtype=torch.float64, device=w.device)
+    (tiles, matrices), _ = _grid(w)
+    s = torch.empty(matrices, tiles, dtype=torch.float64, device=w.device)
     a = torch.empty_like(s)
-    _sums_kernel[grid](
-        w,
-        s,
-        a,
-        w.shape[1],
-        w.shape[2],
-        tiles_c,
-        BR=BLOCK_ROWS,
-        BC=BLOCK_COLS,
-        enable_fp_fusion=FP_FUSION,
-    )
+    _launch(_sums_kernel, w, s, a)
     return s.sum(1), a.sum(1)
 
 
 def add_gradient(w: Tensor, out: Tensor, c1: Tensor, c2: Tensor) -> None:
     """``out[k] += c1[k] P_raw(w[k]) - c2[k] sign(w[k])``; C-contiguous ``w`` and ``out``,
     ``c1`` and ``c2`` of shape ``(K,)`` in ``w``'s dtype."""
-    grid, tiles_c = _grid(w)
-    _grad_kernel[grid](
-        w,
-        out,
-        c1,
-        c2,
-        w.shape[1],
-        w.shape[2],
-        tiles_c,
-        BR=BLOCK_ROWS,
-        BC=BLOCK_COLS,
-        enable_fp_fusion=FP_FUSION,
-    )
+    _launch(_grad_kernel, w, out, c1, c2)
