@@ -16,7 +16,7 @@ Prints, on this machine (batch 64, LeNet300, real MNIST when given, else synthet
     the GPUs' mean and peak utilisation during it (sampled by ``nvidia-smi``) and each
     train job's own time (seeds x epochs of one arm, from its networks' metadata). With
     ``--pipeline-dir`` and ``--pipeline-budget`` it stops cleanly after that many seconds,
-    and the next call with the same folder goes on (for machines lent by the slice).
+    and the next call with the same folder goes on (for machines that allow only short runs).
 
 Every ratio compares runs made in this process, interleaved, so machine load affects
 both sides alike. Epoch times can be measured on a subset of the training set
@@ -214,7 +214,9 @@ def pipeline_stages(
         deadline = None if budget_s is None else time.monotonic() + budget_s
         print("(e) the main experiment through snakemake --cores all, per stage")
         finished = {call["stage"] for call in record["calls"] if call["finished"]}
-        for stage in (stage for stage in STAGES if stage not in finished):
+        for stage in STAGES:
+            if stage in finished:
+                continue
             left = None if deadline is None else deadline - time.monotonic()
             done = False
             if left is None or left > 0:
