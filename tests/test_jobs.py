@@ -183,10 +183,14 @@ def test_a_train_job_asked_to_stop_saves_its_epoch_and_the_rerun_goes_on_from_th
     epoch = int(stopped.group(1))
     assert 1 <= epoch < SETTINGS["train"]["epochs"]
     assert not out.exists()
+    log_path.unlink()  # as Snakemake does before it reruns a job
 
     train(synthetic_mnist.dir, out)
 
-    assert f"going on after epoch {epoch}" in log_path.read_text()
+    # The rerun's log tells the whole story: the stop, then where it went on.
+    logged = log_path.read_text()
+    assert 0 <= logged.find(stopped.group(0)) < logged.find(f"going on after epoch {epoch}")
+    assert not jobs.attempts_log(out).exists()
     for seed in SETTINGS["seeds"]:
         a = torch.load(out / f"seed{seed}" / "weights.pt")
         b = torch.load(trained_straight / f"seed{seed}" / "weights.pt")
@@ -255,12 +259,16 @@ def test_a_killed_prune_job_sweeps_only_the_networks_it_had_not_finished(
     with pytest.raises(Killed):
         prune(synthetic_mnist.dir, trained_straight, out)
     assert not out.exists()
-    assert sorted(p.name for p in jobs.partial_dir(out).iterdir()) == ["seed4.csv", "seed4.json"]
+    kept = sorted(p.name for p in jobs.partial_dir(out).iterdir())
+    assert kept == ["attempts.log", "seed4.csv", "seed4.json"]
+    (tmp_path / "prune.log").unlink()  # as Snakemake does before it reruns a job
 
     monkeypatch.setattr(jobs, "sweep_networks", lambda *args: swept.extend(args[-1]) or real(*args))
     prune(synthetic_mnist.dir, trained_straight, out)
 
     assert swept == [4, 7, 7]  # seed 4 was not swept again
+    logged = (tmp_path / "prune.log").read_text()
+    assert 0 <= logged.find("swept seeds [4]") < logged.find("seed 4: its sweep from an earlier")
     assert not jobs.partial_dir(out).exists()
     for name in ("seed4.csv", "seed7.csv"):
         assert (out / name).read_bytes() == (straight / name).read_bytes()

@@ -11,6 +11,8 @@ and gives the same numbers as an uninterrupted run. A prune job's folder goes on
 output is in place. A train job's last checkpoint stays until the prune job of its networks
 has run: a train job killed as it ends (its time limit reached while its output was being
 written) would otherwise lose everything, since Snakemake then deletes the output.
+The job's log lines are kept there too (:func:`attempts_log`): Snakemake deletes a job's log
+before it reruns the job, so the rerun's log starts with the earlier attempts' lines.
 
 A train job asked to stop (SIGTERM: a cluster's time limit or ``scancel``; SIGINT: Ctrl-C)
 finishes its current epoch, saves a checkpoint and exits with :class:`JobStopped`, so it
@@ -104,12 +106,34 @@ def stop_requests() -> Iterator[StopRequest]:
             signal.signal(number, handler)
 
 
-def _configure(threads: int, log_path: Path) -> None:
-    torch.set_num_threads(max(1, int(threads)))
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+def _log_to(*paths: Path) -> None:
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(
-        filename=log_path, level=logging.INFO, format="%(asctime)s %(message)s", force=True
+        handlers=[logging.FileHandler(path) for path in paths],
+        level=logging.INFO,
+        format="%(asctime)s %(message)s",
+        force=True,
     )
+
+
+def _start_job(threads: int, log_path: Path, out_dir: Path) -> None:
+    """Set the job's thread count and log to ``log_path`` and to a copy beside its partial
+    work (see :func:`attempts_log`); a rerun's log starts with the earlier attempts' lines."""
+    torch.set_num_threads(max(1, int(threads)))
+    earlier = attempts_log(out_dir)
+    fresh_log = not log_path.is_file() or log_path.stat().st_size == 0
+    if fresh_log and earlier.is_file():
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        header = f"(the earlier attempts of this job, kept in {earlier})\n"
+        log_path.write_text(header + earlier.read_text())
+    _log_to(log_path, earlier)
+
+
+def _end_job(log_path: Path, out_dir: Path) -> None:
+    """The job's output is in place: its log's copy for reruns goes."""
+    _log_to(log_path)
+    attempts_log(out_dir).unlink(missing_ok=True)
 
 
 def seed_dir(train_dir: Path, seed: int) -> Path:
@@ -121,6 +145,12 @@ def partial_dir(out_dir: Path | str) -> Path:
     """Where a job keeps what it has finished until its whole output is in place."""
     out_dir = Path(out_dir)
     return out_dir.with_name(f"{out_dir.name}.partial")
+
+
+def attempts_log(out_dir: Path | str) -> Path:
+    """Every attempt's log lines, kept until the job's output is in place: Snakemake deletes a
+    job's log before it reruns the job."""
+    return partial_dir(out_dir) / "attempts.log"
 
 
 def resume_key(settings: Mapping[str, Any], device: torch.device, **inputs: str) -> str:
@@ -194,7 +224,7 @@ def run_train_job(
     all attempts (each earlier one up to the checkpoint that was taken up),
     ``train_seconds_this_attempt`` the last attempt's.
     """
-    _configure(threads, log_path)
+    _start_job(threads, log_path, out_dir)
     hparams = TrainHparams(**settings["train"])
     seeds = [int(s) for s in settings["seeds"]]
     regs = [regularizers.build(spec) for spec in settings["regularizers"]]
@@ -261,6 +291,7 @@ def run_train_job(
                 train_samples=len(data.train),
             )
             (folder / "metadata.json").write_text(record)
+    _end_job(log_path, out_dir)
 
 
 def _finished_sweep(folder: Path, seed: int, key: str) -> pd.DataFrame | None:
@@ -297,7 +328,7 @@ def run_prune_job(
     Each sweep is saved as soon as it (or its group) is done (in :func:`partial_dir`), so a
     rerun after a failure sweeps only the networks that were not yet done.
     """
-    _configure(threads, log_path)
+    _start_job(threads, log_path, out_dir)
     seeds = [int(s) for s in settings["seeds"]]
     train_hparams = TrainHparams(**settings["train"])
     prune_hparams = PruneHparams(**{**settings["prune"], "criteria": settings["prune"]["criteria"]})
@@ -355,6 +386,7 @@ def run_prune_job(
         for seed in seeds:
             for done, final in zip(sweep_files(partial, seed), sweep_files(tmp, seed)):
                 shutil.copyfile(done, final)
+    _end_job(log_path, out_dir)
     shutil.rmtree(partial)
     shutil.rmtree(partial_dir(trained_dir), ignore_errors=True)  # the train job's checkpoint
     return frames
