@@ -199,11 +199,11 @@ def test_a_train_job_asked_to_stop_saves_its_epoch_and_the_rerun_goes_on_from_th
 
 def test_more_sigterms_wait_for_the_epoch_but_a_second_ctrl_c_stops_at_once() -> None:
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with jobs.stop_requests() as stop:
+    with jobs.stop_requests("at the next safe point") as stop:
         signal.raise_signal(signal.SIGTERM)
         signal.raise_signal(signal.SIGTERM)  # SLURM's time limit sends it more than once
         assert stop.signal_name == "SIGTERM"
-    with jobs.stop_requests() as stop:
+    with jobs.stop_requests("at the next safe point") as stop:
         signal.raise_signal(signal.SIGINT)
         assert stop.signal_name == "SIGINT"
         with pytest.raises(jobs.JobStopped, match="second SIGINT"):
@@ -273,6 +273,62 @@ def test_a_killed_prune_job_sweeps_only_the_networks_it_had_not_finished(
     for name in ("seed4.csv", "seed7.csv"):
         assert (out / name).read_bytes() == (straight / name).read_bytes()
     assert json.loads((out / "seed4.json").read_text())["seed"] == 4
+
+
+# A prune job in its own process that marks the start of each network's sweep with a file
+# and pauses a second there, so that the test's signal lands while that sweep is running.
+PRUNE_WITH_PAUSES = """
+import json, sys, time
+from pathlib import Path
+from sparsebench import jobs
+
+def with_pauses(*args, _sweep=jobs.sweep_networks):
+    Path(sys.argv[5], f"sweeping{args[-1]}").touch()
+    time.sleep(1.0)
+    return _sweep(*args)
+
+jobs.sweep_networks = with_pauses
+data_dir, trained, out_dir, log_path, _, settings = sys.argv[1:]
+jobs.run_prune_job(
+    Path(data_dir), Path(trained), Path(out_dir), Path(log_path), "x", "arm", json.loads(settings)
+)
+"""
+
+
+@pytest.mark.parametrize("stopped_in", [4, 7], ids=["first sweep", "last sweep"])
+def test_a_prune_job_asked_to_stop_saves_the_sweep_in_progress(
+    stopped_in: int, synthetic_mnist, trained_straight: Path, tmp_path: Path
+) -> None:
+    straight = tmp_path / "straight" / "prune"  # its log apart from the job's below
+    prune(synthetic_mnist.dir, trained_straight, straight)
+    out, log_path, marks = tmp_path / "prune", tmp_path / "prune.log", tmp_path / "marks"
+    marks.mkdir()
+    arguments = [synthetic_mnist.dir, trained_straight, out, log_path, marks]
+    script = [sys.executable, "-c", PRUNE_WITH_PAUSES, *map(str, arguments)]
+    job = subprocess.Popen([*script, json.dumps(PRUNE_SETTINGS)])
+    deadline = time.monotonic() + 120
+    while not (marks / f"sweeping[{stopped_in}]").exists():
+        assert job.poll() is None, f"the job ended before the sweep of seed {stopped_in}"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=120) != 0
+
+    # Even with every sweep done, no output: Snakemake, stopping too, would delete it.
+    left = [7] if stopped_in == 4 else []
+    assert f"stopped by SIGTERM with seeds {left} left to sweep" in log_path.read_text()
+    assert not (marks / "sweeping[7]").exists() or stopped_in == 7
+    assert not out.exists()
+    kept = sorted(p.name for p in jobs.partial_dir(out).iterdir())
+    done = [f"seed{seed}.{ext}" for seed in (4, 7) if seed <= stopped_in for ext in ("csv", "json")]
+    assert kept == ["attempts.log", *done]
+
+    prune(synthetic_mnist.dir, trained_straight, out)
+
+    for seed in (4, 7) if stopped_in == 7 else (4,):
+        assert f"seed {seed}: its sweep from an earlier run" in log_path.read_text()
+    for name in ("seed4.csv", "seed7.csv"):
+        assert (out / name).read_bytes() == (straight / name).read_bytes()
 
 
 def test_the_prune_job_removes_the_last_checkpoint_of_the_train_job(

@@ -18,7 +18,8 @@ A train job asked to stop (SIGTERM: a cluster's time limit or ``scancel``; SIGIN
 finishes its current epoch, saves a checkpoint and exits with :class:`JobStopped`, so it
 loses at most that epoch whatever the checkpoint interval (a cluster's grace period before
 SIGKILL, SLURM's ``KillWait``, must be longer than an epoch); a second Ctrl-C stops it at
-once.
+once. A prune job asked to stop saves the sweep in progress first (on a GPU, that of the group
+of networks swept together, which may take longer than a cluster's grace period).
 """
 
 from __future__ import annotations
@@ -74,27 +75,29 @@ class JobStopped(RuntimeError):
 
 class StopRequest:
     """Whether the job was asked to stop (SIGTERM, SIGINT) and by which signal: noted for the
-    job to stop at its next safe point. A second SIGINT (Ctrl-C twice) stops it at once; more
-    SIGTERMs do not (SLURM sends the job a time limit's SIGTERM more than once)."""
+    job to stop at its next safe point (``safe_point`` says which, for the log). A second
+    SIGINT (Ctrl-C twice) stops it at once; more SIGTERMs do not (SLURM sends the job a time
+    limit's SIGTERM more than once)."""
 
-    def __init__(self) -> None:
+    def __init__(self, safe_point: str) -> None:
         self.signal_name: str | None = None
+        self.safe_point = safe_point
 
     def on_signal(self, number: int, frame: object) -> None:
         name = signal.Signals(number).name
         if self.signal_name is None:
             self.signal_name = name
-            log.warning("%s received: stopping at the end of this epoch, after a checkpoint", name)
+            log.warning("%s received: stopping %s", name, self.safe_point)
         elif number == signal.SIGINT:
             raise JobStopped(f"stopped at once by a second {name}")
 
 
 @contextlib.contextmanager
-def stop_requests() -> Iterator[StopRequest]:
+def stop_requests(safe_point: str) -> Iterator[StopRequest]:
     """SIGTERM and SIGINT noted in a :class:`StopRequest` while the block runs (the handlers
     before it are put back after). Off the main thread, which signals never reach, nothing
     is caught."""
-    request = StopRequest()
+    request = StopRequest(safe_point)
     if threading.current_thread() is not threading.main_thread():
         yield request
         return
@@ -235,7 +238,8 @@ def run_train_job(
 
     checkpoint = partial_dir(out_dir) / "checkpoint.pt"
     # Signals are caught once the device is claimed: a job still waiting for a GPU just ends.
-    with claim_device(settings["device"]) as device, stop_requests() as stop:
+    stopping_point = "at the end of this epoch, after a checkpoint"
+    with claim_device(settings["device"]) as device, stop_requests(stopping_point) as stop:
         log.info("experiment %s arm %s seeds %s on %s", experiment, arm, seeds, device)
         device_name = device_description(device)
         key = resume_key(settings, device)
@@ -326,7 +330,8 @@ def run_prune_job(
     seed's CSV and provenance into ``out_dir``.
 
     Each sweep is saved as soon as it (or its group) is done (in :func:`partial_dir`), so a
-    rerun after a failure sweeps only the networks that were not yet done.
+    rerun after a failure sweeps only the networks that were not yet done. Asked to stop
+    (SIGTERM, SIGINT), the job saves the sweep in progress and exits with :class:`JobStopped`.
     """
     _start_job(threads, log_path, out_dir)
     seeds = [int(s) for s in settings["seeds"]]
@@ -334,7 +339,8 @@ def run_prune_job(
     prune_hparams = PruneHparams(**{**settings["prune"], "criteria": settings["prune"]["criteria"]})
     partial = partial_dir(out_dir)
     frames: dict[int, pd.DataFrame | None] = {}
-    with claim_device(settings["device"]) as device:
+    stopping_point = "once the sweep in progress is saved"
+    with claim_device(settings["device"]) as device, stop_requests(stopping_point) as stop:
         device_name = device_description(device)
         data = load_mnist(data_dir, train_hparams.train_samples, train_hparams.subset_seed, device)
         weights = {seed: seed_dir(trained_dir, seed) / "weights.pt" for seed in seeds}
@@ -346,7 +352,21 @@ def run_prune_job(
                 log.info("seed %d: its sweep from an earlier run, in %s", seed, partial)
         pending = [seed for seed in seeds if frames[seed] is None]
         together = NETWORKS_SWEPT_TOGETHER.get(device.type, 1)
-        for group in (pending[i : i + together] for i in range(0, len(pending), together)):
+
+        def stop_if_asked(left: list[int]) -> None:
+            # Also once every sweep is done: Snakemake, itself stopping, would count an output
+            # written now as incomplete and delete it, and the rerun would sweep all again.
+            if stop.signal_name is not None:
+                message = (
+                    f"stopped by {stop.signal_name} with seeds {left} left to sweep; a rerun "
+                    f"takes up the finished sweeps in {partial}"
+                )
+                log.error(message)
+                raise JobStopped(message)
+
+        for start in range(0, len(pending), together):
+            stop_if_asked(pending[start:])
+            group = pending[start : start + together]
             models = []
             for seed in group:
                 model = build_model(settings["model"], [seed], device)
@@ -381,6 +401,7 @@ def run_prune_job(
                     frame.to_csv(tmp, index=False)
                 write_text_atomic(metadata, record)  # last: it marks the sweep as finished
                 frames[seed] = frame
+        stop_if_asked([])
 
     with atomic_directory(out_dir) as tmp:
         for seed in seeds:
