@@ -22,6 +22,7 @@ updates the next layer for all samples with one matrix product per percentile (s
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
@@ -979,6 +980,7 @@ def _sweep_hits_numba(
     refreshed = np.zeros((chunks, steps), dtype=np.int64)
     labels_b = labels.reshape(chunks, chunk)
     step, share = 0, 0.0
+    started = time.perf_counter()
     with numba_threads_like_torch():
         while step < steps and share < _SWEEP_EXACT_AT:
             end = min(steps, step + _SWEEP_SEGMENT)
@@ -1004,6 +1006,7 @@ def _sweep_hits_numba(
             share = refreshed[:, step:end].sum() / (n * (end - step))
             step = end
         hits_total = hits.sum(0)
+        certified_seconds = time.perf_counter() - started
         if step < steps:
             hits_total[step:] = _exact_tail(
                 step,
@@ -1021,6 +1024,8 @@ def _sweep_hits_numba(
     if stats is not None:
         stats["refreshed"] = refreshed.sum(0)
         stats["exact_from"] = step
+        stats["certified_seconds"] = certified_seconds
+        stats["exact_seconds"] = time.perf_counter() - started - certified_seconds
     return hits_total
 
 
@@ -1241,7 +1246,11 @@ def _network_tensors(model: StackedMLP) -> tuple[list[str], list[Tensor], list[T
 
 @torch.no_grad()
 def sweep_fast(
-    model: StackedMLP, scores: Mapping[str, Tensor], percentiles: Sequence[float], test: Split
+    model: StackedMLP,
+    scores: Mapping[str, Tensor],
+    percentiles: Sequence[float],
+    test: Split,
+    stats: dict | None = None,
 ) -> pd.DataFrame:
     """The same sweep as :func:`sweep_reference` (same rows), reusing work between percentiles.
 
@@ -1251,7 +1260,9 @@ def sweep_fast(
     the torch path updates the first layer incrementally and re-evaluates the layers above
     at every percentile (:func:`sweep_fast_together` runs many such sweeps at once).
     Percentiles may come in any order; kept counts are exact, accuracies equal the
-    reference's up to float rounding.
+    reference's up to float rounding. ``stats``, where given, receives the numba path's
+    figures: predictions refreshed per step, the step the exact tail starts at, and the
+    seconds spent before it and in it.
     """
     global _numba_sweep_broken
     names, weights, biases = _network_tensors(model)
@@ -1268,7 +1279,7 @@ def sweep_fast(
         and test.images.dtype == torch.float32
     ):
         try:
-            hits = _sweep_hits_numba(weights, biases, order, ascending, test)
+            hits = _sweep_hits_numba(weights, biases, order, ascending, test, stats)
         except Exception as err:  # a JIT that cannot compile here: fall back, loudly
             _numba_sweep_broken = True
             warnings.warn(f"numba sweep failed ({err!r}); using the torch path", stacklevel=2)
