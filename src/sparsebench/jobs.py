@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pandas as pd
 import torch
@@ -90,6 +90,13 @@ class StopRequest:
             log.warning("%s received: stopping %s", name, self.safe_point)
         elif number == signal.SIGINT:
             raise JobStopped(f"stopped at once by a second {name}")
+
+    def stop_job(self, where: str) -> NoReturn:
+        """End the job at its safe point: log that it stops and ``where`` (after what, and
+        what a rerun does), then raise :class:`JobStopped`."""
+        message = f"stopped by {self.signal_name} {where}"
+        log.error(message)
+        raise JobStopped(message)
 
 
 @contextlib.contextmanager
@@ -258,12 +265,10 @@ def run_train_job(
                 _save_checkpoint(checkpoint, key, progress, so_far)
                 last_saved = time.perf_counter()
             if stopping:
-                message = (
-                    f"stopped by {stop.signal_name} after epoch {progress.epoch}; a rerun goes "
-                    f"on from its checkpoint {checkpoint}"
+                stop.stop_job(
+                    f"after epoch {progress.epoch}; a rerun goes on from its checkpoint "
+                    f"{checkpoint}"
                 )
-                log.error(message)
-                raise JobStopped(message)
 
         model, logs = train_networks(
             settings["model"],
@@ -357,12 +362,10 @@ def run_prune_job(
             # Also once every sweep is done: Snakemake, itself stopping, would count an output
             # written now as incomplete and delete it, and the rerun would sweep all again.
             if stop.signal_name is not None:
-                message = (
-                    f"stopped by {stop.signal_name} with seeds {left} left to sweep; a rerun "
-                    f"takes up the finished sweeps in {partial}"
+                stop.stop_job(
+                    f"with seeds {left} left to sweep; a rerun takes up the finished sweeps in "
+                    f"{partial}"
                 )
-                log.error(message)
-                raise JobStopped(message)
 
         for start in range(0, len(pending), together):
             stop_if_asked(pending[start:])
