@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -139,6 +140,18 @@ def test_a_train_job_killed_once_done_gives_its_output_again_without_training(
     )
 
 
+def wait_until(
+    ready: Callable[[], bool], job: subprocess.Popen, what: str, seconds: float = 120
+) -> None:
+    """Poll ``ready()`` until it holds; fail if ``job`` ends first (before ``what``) or time
+    runs out."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        assert job.poll() is None, f"the job ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {seconds} s"
+        time.sleep(0.02)
+
+
 # A train job in its own process, pausing a second after each logged epoch so that the
 # test's signal lands between two epochs.
 TRAIN_WITH_PAUSES = """
@@ -169,11 +182,11 @@ def test_a_train_job_asked_to_stop_saves_its_epoch_and_the_rerun_goes_on_from_th
     out, log_path = tmp_path / "train", tmp_path / "train.log"
     arguments = [str(synthetic_mnist.dir), str(out), str(log_path), json.dumps(SETTINGS)]
     job = subprocess.Popen([sys.executable, "-c", TRAIN_WITH_PAUSES, *arguments])
-    deadline = time.monotonic() + 120
-    while '"epoch": 1,' not in (log_path.read_text() if log_path.exists() else ""):
-        assert job.poll() is None, "the job ended before its first epoch"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+
+    def first_epoch_logged() -> bool:
+        return log_path.exists() and '"epoch": 1,' in log_path.read_text()
+
+    wait_until(first_epoch_logged, job, "its first epoch")
     job.send_signal(signal_number)
     assert job.wait(timeout=120) != 0
 
@@ -306,11 +319,7 @@ def test_a_prune_job_asked_to_stop_saves_the_sweep_in_progress(
     arguments = [synthetic_mnist.dir, trained_straight, out, log_path, marks]
     script = [sys.executable, "-c", PRUNE_WITH_PAUSES, *map(str, arguments)]
     job = subprocess.Popen([*script, json.dumps(PRUNE_SETTINGS)])
-    deadline = time.monotonic() + 120
-    while not (marks / f"sweeping[{stopped_in}]").exists():
-        assert job.poll() is None, f"the job ended before the sweep of seed {stopped_in}"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_until((marks / f"sweeping[{stopped_in}]").exists, job, f"the sweep of seed {stopped_in}")
     job.send_signal(signal.SIGTERM)
     assert job.wait(timeout=120) != 0
 
