@@ -279,10 +279,13 @@ def small_run(monkeypatch, layer_sizes: tuple[int, ...], **settings) -> SweepRun
 @numba_only
 @pytest.mark.parametrize("together", [1, 10**9])  # always / never refresh a chunk at once
 @pytest.mark.parametrize("segment", [7, 1000])  # the chunks' state carried between calls
-def test_certified_numba_sweep_is_the_float64_truth(monkeypatch, together, segment) -> None:
+@pytest.mark.parametrize("layer_sizes", [(20, 16, 6), (20, 16, 12, 6), (20, 16, 12, 8, 5)])
+def test_certified_numba_sweep_is_the_float64_truth(
+    monkeypatch, together, segment, layer_sizes
+) -> None:
     run = small_run(
         monkeypatch,
-        (20, 16, 12, 6),
+        layer_sizes,
         _SWEEP_TOGETHER=together,
         _SWEEP_SEGMENT=segment,
         _SWEEP_EXACT_AT=2.0,  # never switch to the exact tail

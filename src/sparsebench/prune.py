@@ -165,13 +165,15 @@ def sweep_reference(
 # label when the prediction is wrong: what counts is whether the label wins), the stored hit or
 # miss is certainly the pruned network's; otherwise the sample is refreshed: ``z2`` gets
 # ``W2[:, i] (relu(z1_i) - ref_i)`` for the units that moved since its last refresh (lazy and
-# sparse), the layers above are recomputed, ``ref`` takes the current values. When many samples
-# of a chunk need it (low margins, high sparsity), the whole chunk is refreshed together in row
-# passes. Hits and misses are thus those of the pruned network at every percentile, up to
-# float rounding: near ties (within a relative 2e-5) are always refreshed, but the refreshed
-# values carry the rounding that the incremental updates accumulate (the torch path's too: on
-# LeNet300 about 2e-5 in z1 and z2 by the end of the sweep, against 1e-6 from scratch), so a
-# sample whose true logit margin is that small may be counted either way.
+# sparse), the layers above are recomputed, ``ref`` takes the current values. A chunk refreshes
+# the samples that need it at a step together (gathered, sample by sample in the inner loops: a
+# sample's units lie a row apart, so one sample at a time costs a cache miss per unit); when many
+# need it (low margins, high sparsity), the whole chunk, in row passes. Hits and misses are thus
+# those of the pruned network at every percentile, up to float rounding: near ties (within a
+# relative 2e-5) are always refreshed, but the refreshed values carry the rounding that the
+# incremental updates accumulate (the torch path's too: on LeNet300 about 2e-5 in z1 and z2 by the
+# end of the sweep, against 1e-6 from scratch), so a sample whose true logit margin is that small
+# may be counted either way.
 #
 # The exact tail. Once a share ``_SWEEP_EXACT_AT`` of the predictions needs a refresh at every
 # step (high sparsity, small margins; for a random order, almost at once), certifying costs
@@ -453,10 +455,11 @@ if numba is not None:
             tol[n] = np.float32(2e-5) * (np.float32(1.0) + abs(best[n]))
 
     @njit(cache=True, fastmath=_FM_DOT)
-    def _nb_refresh_one(
-        n,
+    def _nb_refresh_some(
         s,
         short,
+        picked,
+        count,
         last,
         lastchg,
         first_drops,
@@ -466,91 +469,94 @@ if numba is not None:
         hz,
         head,
         v,
-        col_a,
-        col_b,
+        change,
+        acc,
+        spare,
         labels,
         top,
         margin,
         tol,
     ):  # pragma: no cover - compiled
-        """Sample ``n``: the head state made exact at its current first-layer output.
+        """The samples ``picked[:count]`` of the chunk refreshed together: their head state
+        made exact at their current first-layer output.
 
-        The units whose relu moved since the sample's last refresh are added to ``z2``,
-        ``z2 += W2[:, i] (relu(z1[i]) - ref[i])`` (this step's rows alone when the sample
-        was refreshed at the previous step); the layers above are recomputed from ``z2``,
-        whose values become the sample's snapshot.
+        Their ``z2`` columns are gathered into the rows of ``acc`` (count x units), get
+        ``W2[:, i] (relu(z1[i]) - ref[i])`` for the units that moved since the earliest of
+        their last refreshes (this step's rows alone when all were refreshed at the previous
+        step; a unit that did not move since a sample's own refresh adds zero to it), and go
+        back; the layers above are recomputed from them into the samples' snapshots.
         """
         g_ptr, g_row = first_drops[0], first_drops[1]
         w2t, wr, bias, w_off, dims, z_off = head
         zero = np.float32(0.0)
         d2 = dims[1]
         heads = dims.size - 1
+        since = s - 1
+        for k in range(count):
+            since = min(since, last[picked[k]])
         for r in range(d2):
-            col_a[r] = z2[r, n]
-        if short and last[n] == s - 1:
-            for g in range(g_ptr[s], g_ptr[s + 1]):
-                i = g_row[g]
-                if v[i] == zero:  # a dead unit (no path to the logits) keeps a stale ref
-                    continue
+            for k in range(count):
+                acc[k, r] = z2[r, picked[k]]
+        mine = short and since == s - 1
+        units = g_ptr[s + 1] - g_ptr[s] if mine else dims[0]
+        for q in range(units):
+            i = g_row[g_ptr[s] + q] if mine else q
+            if lastchg[i] <= since or v[i] == zero:  # a dead unit keeps a stale ref
+                continue
+            for k in range(count):
+                n = picked[k]
                 a = z1[i, n]
                 a = a if a > zero else zero
-                d = a - ref[i, n]
+                change[k] = a - ref[i, n]
+                ref[i, n] = a
+            for k in range(count):
+                d = change[k]
                 if d != zero:
-                    ref[i, n] = a
                     for r in range(d2):
-                        col_a[r] += d * w2t[i, r]
-        else:
-            cut = last[n]
-            for i in range(dims[0]):
-                if lastchg[i] <= cut or v[i] == zero:
-                    continue
-                a = z1[i, n]
-                a = a if a > zero else zero
-                d = a - ref[i, n]
-                if d != zero:
-                    ref[i, n] = a
-                    for r in range(d2):
-                        col_a[r] += d * w2t[i, r]
+                        acc[k, r] += d * w2t[i, r]
         for r in range(d2):
-            z2[r, n] = col_a[r]
-        if heads == 1:
-            cur = col_a
-        else:
+            for k in range(count):
+                z2[r, picked[k]] = acc[k, r]
+        cur, nxt = acc, spare
+        if heads > 1:
             for r in range(d2):
-                hz[r, n] = col_a[r]
-            cur, nxt = col_a, col_b
-            for h in range(1, heads):  # the layers above, from scratch
-                fin = dims[h]
-                fout = dims[h + 1]
-                zo = z_off[h]
-                wo = w_off[h]
-                for k in range(fin):
-                    a = cur[k]
-                    cur[k] = a if a > zero else zero
-                for r in range(fout):
-                    base = wo + r * fin
-                    acc = zero
-                    for k in range(fin):
-                        acc += wr[base + k] * cur[k]
-                    acc += bias[zo + r]
-                    nxt[r] = acc
-                    hz[zo + r, n] = acc
-                cur, nxt = nxt, cur
-        best = cur[0]
-        t = 0
-        second = -np.inf
-        for c in range(1, dims[heads]):
-            a = cur[c]
-            if a > best:
-                second = best
-                best = a
-                t = c
-            elif a > second:
-                second = a
-        top[n] = t
-        margin[n] = _nb_lead(best, second, t, labels[n], cur[labels[n]])
-        tol[n] = np.float32(2e-5) * (np.float32(1.0) + abs(best))
-        last[n] = s
+                for k in range(count):
+                    hz[r, picked[k]] = acc[k, r]
+        for h in range(1, heads):  # the layers above, from scratch
+            fin = dims[h]
+            zo = z_off[h]
+            base = w_off[h]
+            for k in range(count):
+                for j in range(fin):
+                    a = cur[k, j]
+                    cur[k, j] = a if a > zero else zero
+                for r in range(dims[h + 1]):
+                    row = base + r * fin
+                    total = zero
+                    for j in range(fin):
+                        total += wr[row + j] * cur[k, j]
+                    nxt[k, r] = total + bias[zo + r]
+            for r in range(dims[h + 1]):
+                for k in range(count):
+                    hz[zo + r, picked[k]] = nxt[k, r]
+            cur, nxt = nxt, cur
+        for k in range(count):
+            n = picked[k]
+            best = cur[k, 0]
+            t = 0
+            second = -np.inf
+            for c in range(1, dims[heads]):
+                a = cur[k, c]
+                if a > best:
+                    second = best
+                    best = a
+                    t = c
+                elif a > second:
+                    second = a
+            top[n] = t
+            margin[n] = _nb_lead(best, second, t, labels[n], cur[k, labels[n]])
+            tol[n] = np.float32(2e-5) * (np.float32(1.0) + abs(best))
+            last[n] = s
 
     @njit(cache=True, fastmath=_FM)
     def _nb_refresh_all(
@@ -656,12 +662,13 @@ if numba is not None:
         widest = 1
         for h in range(1, dims.size):
             widest = max(widest, dims[h])
-        col_a = np.empty(widest, dtype=np.float32)
-        col_b = np.empty(widest, dtype=np.float32)
         change = np.empty(columns, dtype=np.float32)
         act = np.empty((widest, columns), dtype=np.float32)
         out = np.empty(columns, dtype=np.float32)
         need = np.zeros(columns, dtype=np.bool_)
+        picked = np.empty(columns, dtype=np.int64)
+        acc = np.empty((columns, widest), dtype=np.float32)
+        spare = np.empty((columns, widest), dtype=np.float32)
         if s_begin == 0:
             for i in range(d1):
                 for n in range(columns):
@@ -705,30 +712,36 @@ if numba is not None:
                     slack_a[n] = zero
                     slack_b[n] = zero
                 _nb_margins(logits, lo, classes, nvalid, labels, top, margin, tol)
+            picks = 0
             for n in range(nvalid):
                 if need[n]:
-                    _nb_refresh_one(
-                        n,
-                        s,
-                        short,
-                        last,
-                        lastchg,
-                        first_drops,
-                        z1,
-                        ref,
-                        z2,
-                        hz,
-                        head,
-                        v,
-                        col_a,
-                        col_b,
-                        labels,
-                        top,
-                        margin,
-                        tol,
-                    )
+                    picked[picks] = n
+                    picks += 1
                     slack_a[n] = zero
                     slack_b[n] = zero
+            if picks:
+                _nb_refresh_some(
+                    s,
+                    short,
+                    picked,
+                    picks,
+                    last,
+                    lastchg,
+                    first_drops,
+                    z1,
+                    ref,
+                    z2,
+                    hz,
+                    head,
+                    v,
+                    change,
+                    acc,
+                    spare,
+                    labels,
+                    top,
+                    margin,
+                    tol,
+                )
             hits = 0
             for n in range(nvalid):
                 if top[n] == labels[n]:
