@@ -456,29 +456,11 @@ if numba is not None:
 
     @njit(cache=True, fastmath=_FM_DOT)
     def _nb_refresh_some(
-        s,
-        short,
-        picked,
-        count,
-        last,
-        lastchg,
-        first_drops,
-        z1,
-        ref,
-        z2,
-        hz,
-        head,
-        v,
-        change,
-        acc,
-        spare,
-        labels,
-        top,
-        margin,
-        tol,
+        s, short, count, scratch, last, lastchg, first_drops, z1, ref, z2, hz, head, v, verdicts
     ):  # pragma: no cover - compiled
         """The samples ``picked[:count]`` of the chunk refreshed together: their head state
-        made exact at their current first-layer output.
+        made exact at their current first-layer output, and their verdicts (``top``,
+        ``margin``, ``tol``) taken from it. ``scratch``: ``picked`` and buffers.
 
         Their ``z2`` columns are gathered into the rows of ``acc`` (count x units), get
         ``W2[:, i] (relu(z1[i]) - ref[i])`` for the units that moved since the earliest of
@@ -488,6 +470,8 @@ if numba is not None:
         """
         g_ptr, g_row = first_drops[0], first_drops[1]
         w2t, wr, bias, w_off, dims, z_off = head
+        picked, change, acc, spare = scratch
+        labels, top, margin, tol = verdicts
         zero = np.float32(0.0)
         d2 = dims[1]
         heads = dims.size - 1
@@ -667,8 +651,13 @@ if numba is not None:
         out = np.empty(columns, dtype=np.float32)
         need = np.zeros(columns, dtype=np.bool_)
         picked = np.empty(columns, dtype=np.int64)
-        acc = np.empty((columns, widest), dtype=np.float32)
-        spare = np.empty((columns, widest), dtype=np.float32)
+        scratch = (  # for the samples refreshed together: which, and their values
+            picked,
+            change,
+            np.empty((columns, widest), dtype=np.float32),
+            np.empty((columns, widest), dtype=np.float32),
+        )
+        verdicts = (labels, top, margin, tol)
         if s_begin == 0:
             for i in range(d1):
                 for n in range(columns):
@@ -723,8 +712,8 @@ if numba is not None:
                 _nb_refresh_some(
                     s,
                     short,
-                    picked,
                     picks,
+                    scratch,
                     last,
                     lastchg,
                     first_drops,
@@ -734,13 +723,7 @@ if numba is not None:
                     hz,
                     head,
                     v,
-                    change,
-                    acc,
-                    spare,
-                    labels,
-                    top,
-                    margin,
-                    tol,
+                    verdicts,
                 )
             hits = 0
             for n in range(nvalid):
