@@ -433,6 +433,12 @@ if numba is not None:
         return best - second if top == label else best - at_label
 
     @njit(cache=True)
+    def _nb_tolerance(best):  # pragma: no cover - compiled
+        """The float tolerance of a sample's verdict: near ties, within a relative 2e-5 of
+        its top logit, are always refreshed (see "The fast sweep")."""
+        return np.float32(2e-5) * (np.float32(1.0) + abs(best))
+
+    @njit(cache=True)
     def _nb_margins(logits, lo, classes, nvalid, labels, top, margin, tol):  # pragma: no cover
         """Per sample: the predicted class (first maximum), the lead to certify (see
         :func:`_nb_lead`), a float tolerance."""
@@ -452,7 +458,7 @@ if numba is not None:
                     second[n] = a
         for n in range(nvalid):
             margin[n] = _nb_lead(best[n], second[n], top[n], labels[n], logits[lo + labels[n], n])
-            tol[n] = np.float32(2e-5) * (np.float32(1.0) + abs(best[n]))
+            tol[n] = _nb_tolerance(best[n])
 
     @njit(cache=True, fastmath=_FM_DOT)
     def _nb_refresh_some(
@@ -539,7 +545,7 @@ if numba is not None:
                     second = a
             top[n] = t
             margin[n] = _nb_lead(best, second, t, labels[n], cur[k, labels[n]])
-            tol[n] = np.float32(2e-5) * (np.float32(1.0) + abs(best))
+            tol[n] = _nb_tolerance(best)
             last[n] = s
 
     @njit(cache=True, fastmath=_FM)
