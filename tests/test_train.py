@@ -175,6 +175,33 @@ def test_entropy_gradient_in_place_trains_like_autograd(monkeypatch: pytest.Monk
         assert got.regularizer_values == pytest.approx(expected.regularizer_values, rel=1e-12)
 
 
+class _ShrinkAfterStep(regularizers.Regularizer):
+    """A proximal-style plug-in: after every optimizer step, scales the selected weights."""
+
+    name = "shrink_after_step"
+    acts_through_loss = False
+
+    def __init__(self, coefficient: float = 1.0, **kwargs) -> None:
+        super().__init__(coefficient, **kwargs)
+        self.calls = 0
+
+    @torch.no_grad()
+    def after_step(self, weights, lr) -> None:
+        self.calls += 1
+        for w in self.select(weights).values():
+            w.mul_(self.coefficient)
+
+
+def test_an_update_after_each_step_runs_at_every_optimizer_step() -> None:
+    shrink = _ShrinkAfterStep(0.5, layers=["fc3"])
+    model, logs = train_networks("lenet300", [3], [shrink], HPARAMS, TRAIN, TEST, DEVICE)
+    steps_per_epoch = math.ceil(len(TRAIN.labels) / HPARAMS.batch_size)
+    assert shrink.calls == HPARAMS.epochs * steps_per_epoch
+    plain, _ = train_networks("lenet300", [3], [], HPARAMS, TRAIN, TEST, DEVICE)
+    shrunk, kept = (m.weight_matrices()["fc3"].abs().mean() for m in (model, plain))
+    assert shrunk < 0.1 * kept  # halved at every step, against Adam's steps of about lr
+
+
 def test_a_regularizer_that_cannot_batch_trains_one_seed_and_refuses_more(
     unbatchable_regularizer,
 ) -> None:
