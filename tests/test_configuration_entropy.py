@@ -107,25 +107,58 @@ def test_fast_equals_reference_float64_and_noncontiguous(backend):
 
 
 @pytest.mark.skipif(ce.numba is None, reason="numba not installed")
-@pytest.mark.parametrize("shape", [(3, 17, 33), (2, 1, 5), (2, 40, 3)])
-def test_parallel_kernels_equal_serial_ones(shape):
-    """The row-chunked parallel kernels, for any chunking, equal the serial ones; the
-    gradient kernels add to their output."""
-    w = _rand(shape, dtype=torch.float32, seed=5).numpy()
-    kk = shape[0]
-    g = np.arange(1.0, kk + 1, dtype=np.float32)
-    h, sums, out = np.empty(kk, w.dtype), np.empty((2, kk)), np.zeros_like(w)
-    ce._value_serial(w, shape[1], h, sums)
-    ce._grad_serial(w, shape[1], g, sums, out)
-    for rows_per_chunk in (1, 2, 3, 7, shape[1]):
-        h2, sums2, out2 = np.empty(kk, w.dtype), np.empty((2, kk)), np.zeros_like(w)
-        ce._value_parallel(w, rows_per_chunk, h2, sums2)
-        ce._grad_parallel(w, rows_per_chunk, g, sums2, out2)
-        np.testing.assert_allclose(h2, h, rtol=1e-6)
-        np.testing.assert_allclose(sums2, sums, rtol=1e-5)
-        np.testing.assert_allclose(out2, out, rtol=1e-5, atol=1e-6 * np.abs(out).max())
-        ce._grad_parallel(w, rows_per_chunk, g, sums2, out2)  # adds a second time
-        np.testing.assert_allclose(out2, 2 * out, rtol=1e-5, atol=2e-6 * np.abs(out).max())
+@pytest.mark.parametrize("runs", [1, 2, 3, 5])
+def test_work_runs_cover_every_row_once_in_equal_shares(runs):
+    ws = tuple(np.zeros(shape, np.float32) for shape in [(2, 30, 98), (2, 10, 30), (2, 1, 10)])
+    pieces, start = ce._work_runs(ws, runs)
+    assert len(start) == runs + 1 and start[0] == 0 and start[-1] == len(pieces)
+    assert (np.diff(start) >= 0).all()
+    rows = sorted((s, k, i) for s, k, r0, r1 in pieces for i in range(r0, r1))
+    assert rows == [
+        (s, k, i) for s, w in enumerate(ws) for k in range(2) for i in range(w.shape[1])
+    ]
+    for t in range(runs):  # each run: the same share (to a row) of every matrix
+        mine = pieces[start[t] : start[t + 1]]
+        for s, w in enumerate(ws):
+            for k in range(2):
+                taken = sum(r1 - r0 for s2, k2, r0, r1 in mine if (s2, k2) == (s, k))
+                assert w.shape[1] // runs <= taken <= -(-w.shape[1] // runs)
+
+
+@pytest.mark.skipif(ce.numba is None, reason="numba not installed")
+@pytest.mark.parametrize(
+    "shapes", [[(3, 17, 33)], [(2, 1, 5), (2, 40, 3)], [(2, 30, 20), (2, 7, 30)]]
+)
+def test_parallel_kernels_equal_serial_ones(shapes):
+    """However the layers' rows are cut into runs, the parallel kernels equal the serial
+    ones; the gradient kernels add to their outputs; the one-call step equals the two."""
+    ws = tuple(
+        _rand(shape, dtype=torch.float32, seed=5 + i).numpy() for i, shape in enumerate(shapes)
+    )
+    kk = shapes[0][0]
+    sums = ce._sums_serial(ws)
+    coef = ce._gradient_coefficients(sums, np.arange(1.0, kk + 1), ws[0].dtype)
+    outs = tuple(np.zeros_like(w) for w in ws)
+    ce._gradients_serial(ws, outs, coef)
+    for runs in (1, 2, 3, 7):
+        np.testing.assert_allclose(ce._sums_parallel(ws, runs), sums, rtol=1e-5)
+        twice = tuple(np.zeros_like(w) for w in ws)
+        ce._gradients_parallel(ws, twice, coef, runs)
+        ce._gradients_parallel(ws, twice, coef, runs)
+        for out, out2 in zip(outs, twice):
+            np.testing.assert_allclose(out2, 2 * out, rtol=1e-5, atol=2e-6 * np.abs(out).max())
+    h = ce._entropy_total(sums, 1.0, ws[0].dtype)
+    once = ce._gradient_coefficients(sums, np.full(kk, -2.0), ws[0].dtype)
+    expected = tuple(np.ones_like(w) for w in ws)
+    ce._gradients_serial(ws, expected, once)
+    for step in (
+        lambda o: ce._step_serial(ws, o, -2.0),
+        lambda o: ce._step_parallel(ws, o, -2.0, 3),
+    ):
+        stepped = tuple(np.ones_like(w) for w in ws)
+        np.testing.assert_allclose(step(stepped), -2.0 * h, rtol=1e-6)
+        for out, out2 in zip(expected, stepped):
+            np.testing.assert_allclose(out2, out, rtol=1e-5, atol=1e-6 * np.abs(out).max())
 
 
 @pytest.mark.parametrize("min_numel", [0, 10**9])
@@ -277,7 +310,7 @@ def test_registered_arms(backend):
 @pytest.mark.skipif(ce.numba is None, reason="numba not installed")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_in_place_gradient_adds_the_reference_gradient(monkeypatch, dtype):
-    """add_entropy_gradient returns sum_l H_C and adds scale * dH_C/dW to each .grad."""
+    """add_entropy_gradient adds scale * dH_C/dW to each .grad and returns scale * sum_l H_C."""
     monkeypatch.setattr(ce, "BACKEND", "auto")
     w = _rand((3, 17, 33), dtype=dtype, seed=7).requires_grad_()
     v = _rand((3, 5, 17), dtype=dtype, seed=8).requires_grad_()
@@ -287,7 +320,7 @@ def test_in_place_gradient_adds_the_reference_gradient(monkeypatch, dtype):
     h_w, g_w, _ = _value_and_grad(ce.configuration_entropy_reference, w)
     h_v, g_v, _ = _value_and_grad(ce.configuration_entropy_reference, v)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
-    torch.testing.assert_close(total, h_w + h_v, **tol)
+    torch.testing.assert_close(total, -2.0 * (h_w + h_v), **tol)
     torch.testing.assert_close(w.grad, 1 - 2 * g_w, **tol)
     torch.testing.assert_close(v.grad, -2 * g_v, **tol)
 
@@ -375,7 +408,7 @@ def test_gpu_paths_equal_the_reference(monkeypatch, dtype):
     leaves = [w.clone().requires_grad_() for w in ws]
     assert ce.in_place_gradient_available(leaves)
     total = ce.add_entropy_gradient(leaves, scale=-0.5)
-    torch.testing.assert_close(total, h_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(total, -0.5 * h_ref, rtol=tol, atol=tol)
     for w, leaf in zip(ws, leaves):
         _, g_ref, _ = _value_and_grad(ce.configuration_entropy_reference, w)
         torch.testing.assert_close(leaf.grad, -0.5 * g_ref, rtol=tol, atol=tol * g_ref.abs().max())

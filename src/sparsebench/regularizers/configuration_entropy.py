@@ -45,7 +45,7 @@ float32 or float64 as given:
 
 - :func:`configuration_entropy_reference`: ``F.conv2d`` with the two 3x3
   kernels, differentiated by autograd; the reference for tests and figures.
-- :func:`add_entropy_gradient`: what training uses on CPU: the value, and the
+- :func:`add_entropy_gradient`: what training uses on CPU: the term, and its
   closed-form gradient added straight into each weight's ``.grad`` after the
   backward pass of the rest of the loss (no autograd node, no gradient buffer).
 - :func:`configuration_entropy`: a ``torch.autograd.Function`` with the
@@ -55,13 +55,13 @@ float32 or float64 as given:
   recomputes ``P = Cx^T Cx W + Cy^T Cy W`` row by row (a separable-sum 5x5
   stencil, see the comment above ``_grad_rows``) and adds
   ``g * (P / S - sign(W) / A)`` to its output directly, so nothing of W's size
-  is kept between the two. Matrices of at
-  least ``PARALLEL_MIN_NUMEL`` elements run on torch's thread count (chunks
-  of rows), smaller ones serially. The first call per dtype compiles the
-  kernels once per installation: about 4 s for the serial ones, 12 s with
-  the parallel ones (compiled only when torch runs more than one thread) on
-  this project's 2-core machine; numba's on-disk cache (``cache=True``) then
-  makes every later process load them in about 0.3 s. Where numba is missing,
+  is kept between the two. Each pass takes all the layers at once: every
+  matrix's rows cut into one equal range per thread (``_work_runs``), on
+  torch's thread count where the layers hold at least ``PARALLEL_MIN_NUMEL``
+  elements in all, else serially. numba compiles the kernels on first use per
+  dtype and number of layers (a few seconds each) and keeps them in its on-disk
+  cache (``cache=True``), from which later processes load them in well under a
+  second. Where numba is missing,
   fails to compile, and for other dtypes, it falls back to the eager closed
   form (separable 1-D passes by slicing a padded tensor).
 - On CUDA (float32 / float64), the same two passes as Triton kernels
@@ -313,76 +313,129 @@ if numba is not None:
             if m > 1:
                 oq[e] += c1 * p_last - c2 * np.sign(wc[e])
 
-    @njit(fastmath=True, cache=True)
-    def _finish(s_part, a_part, nchunk, h, sums):  # pragma: no cover - compiled
-        """Per-matrix totals of the chunks' partial sums; ``h[k] = H_C``."""
-        for k in range(h.shape[0]):
-            s = 0.0
-            a = 0.0
-            for t in range(k * nchunk, (k + 1) * nchunk):
-                s += s_part[t]
-                a += a_part[t]
-            sums[0, k] = s
-            sums[1, k] = a
-            h[k] = 0.5 * np.log(0.5 * s / _SCALE + _EPS2) - np.log(a + EPS)
+    @njit(cache=True)
+    def _work_runs(ws, runs):  # pragma: no cover - compiled
+        """The work of every matrix of the stacks ``ws`` cut into ``runs`` runs (one per
+        thread), each a list of pieces ``(stack, k, r0, r1)``: run ``t`` takes the ``t``-th
+        of ``runs`` equal row ranges of every matrix. So one launch serves all the layers,
+        and each thread works on the part of each weight (and gradient) that torch's
+        element-wise passes over it, such as Adam's, give the same thread. Returns
+        ``(pieces, start)``; run ``t`` is ``pieces[start[t]:start[t + 1]]``."""
+        count = 0
+        for s in range(len(ws)):
+            count += ws[s].shape[0]
+        pieces = np.empty((runs * count, 4), dtype=np.int64)
+        start = np.empty(runs + 1, dtype=np.int64)
+        q = 0
+        for t in range(runs):
+            start[t] = q
+            for s in range(len(ws)):
+                kk, n = ws[s].shape[0], ws[s].shape[1]
+                r0, r1 = t * n // runs, (t + 1) * n // runs
+                if r1 > r0:
+                    for k in range(kk):
+                        pieces[q, 0], pieces[q, 1], pieces[q, 2], pieces[q, 3] = s, k, r0, r1
+                        q += 1
+        start[runs] = q
+        return pieces[:q], start
 
     @njit(fastmath=True, cache=True)
-    def _coefficients(g, sums, k, dt):  # pragma: no cover - compiled
-        """``g / (S_raw + 2 EPS^2 1024)``, ``g / (A + EPS)``: dH/dW = c1 P_raw - c2 sign(W)."""
-        c1 = g[k] / (sums[0, k] + 2 * _SCALE * _EPS2)
-        c2 = g[k] / (sums[1, k] + EPS)
-        return dt.type(c1), dt.type(c2)
-
-    @njit(parallel=True, fastmath=True, cache=True)
-    def _value_parallel(w, rows_per_chunk, h, sums):  # pragma: no cover - compiled
-        """Writes ``h[k] = H_C(w[k])`` and ``sums[:, k] = (S_raw, A)``; chunks of rows."""
-        kk, n = w.shape[0], w.shape[1]
-        nchunk = (n + rows_per_chunk - 1) // rows_per_chunk
-        s_part = np.zeros(kk * nchunk)
-        a_part = np.zeros(kk * nchunk)
-        for t in prange(kk * nchunk):
-            r0 = (t % nchunk) * rows_per_chunk
-            r1 = min(n, r0 + rows_per_chunk)
-            s_part[t], a_part[t] = _sums_rows(w, t // nchunk, r0, r1)
-        _finish(s_part, a_part, nchunk, h, sums)
+    def _run_sums(ws, pieces, lo, hi, part):  # pragma: no cover - compiled
+        """``part[q] = (S_raw, A)`` of each piece ``q`` in ``lo:hi``."""
+        for q in range(lo, hi):
+            s, k, r0, r1 = pieces[q, 0], pieces[q, 1], pieces[q, 2], pieces[q, 3]
+            part[q, 0], part[q, 1] = _sums_rows(ws[s], k, r0, r1)
 
     @njit(fastmath=True, cache=True)
-    def _value_serial(w, rows_per_chunk, h, sums):  # pragma: no cover - compiled
-        """As :func:`_value_parallel`, on the calling thread (one chunk per matrix)."""
-        kk = w.shape[0]
-        s_part = np.zeros(kk)
-        a_part = np.zeros(kk)
-        for k in range(kk):
-            s_part[k], a_part[k] = _sums_rows(w, k, 0, w.shape[1])
-        _finish(s_part, a_part, 1, h, sums)
+    def _run_gradients(ws, outs, pieces, lo, hi, coef):  # pragma: no cover - compiled
+        """``outs[s][k] += c1 P_raw - c2 sign(W)`` on the rows of each piece in ``lo:hi``."""
+        for q in range(lo, hi):
+            s, k, r0, r1 = pieces[q, 0], pieces[q, 1], pieces[q, 2], pieces[q, 3]
+            _grad_rows(ws[s], outs[s], k, r0, r1, coef[0, s, k], coef[1, s, k])
 
-    @njit(parallel=True, fastmath=True, cache=True)
-    def _grad_parallel(w, rows_per_chunk, g, sums, out):  # pragma: no cover - compiled
-        """``out[k] += g[k] * dH_C/dW`` from the forward's ``sums``; chunks of rows."""
-        kk, n = w.shape[0], w.shape[1]
-        nchunk = (n + rows_per_chunk - 1) // rows_per_chunk
-        for t in prange(kk * nchunk):
-            k = t // nchunk
-            r0 = (t % nchunk) * rows_per_chunk
-            c1, c2 = _coefficients(g, sums, k, w.dtype)
-            _grad_rows(w, out, k, r0, min(n, r0 + rows_per_chunk), c1, c2)
+    @njit(cache=True)
+    def _totals(ws, pieces, part):  # pragma: no cover - compiled
+        """``(S_raw, A)`` per stack and matrix, ``(2, stacks, K)`` float64, from the pieces'
+        partial sums, added in piece order."""
+        sums = np.zeros((2, len(ws), ws[0].shape[0]))
+        for q in range(pieces.shape[0]):
+            sums[0, pieces[q, 0], pieces[q, 1]] += part[q, 0]
+            sums[1, pieces[q, 0], pieces[q, 1]] += part[q, 1]
+        return sums
 
     @njit(fastmath=True, cache=True)
-    def _grad_serial(w, rows_per_chunk, g, sums, out):  # pragma: no cover - compiled
-        """As :func:`_grad_parallel`, on the calling thread."""
-        for k in range(w.shape[0]):
-            c1, c2 = _coefficients(g, sums, k, w.dtype)
-            _grad_rows(w, out, k, 0, w.shape[1], c1, c2)
+    def _entropy_total(sums, scale, dt):  # pragma: no cover - compiled
+        """``scale * sum_stacks H_C`` per matrix index, ``(K,)`` in ``dt``, from the sums."""
+        h = np.empty(sums.shape[2], dtype=dt)
+        for k in range(sums.shape[2]):
+            total = 0.0
+            for s in range(sums.shape[1]):
+                total += 0.5 * np.log(0.5 * sums[0, s, k] / _SCALE + _EPS2)
+                total -= np.log(sums[1, s, k] + EPS)
+            h[k] = scale * total
+        return h
+
+    @njit(fastmath=True, cache=True)
+    def _gradient_coefficients(sums, g, dt):  # pragma: no cover - compiled
+        """``c1 = g_k / (S_raw + 2 EPS^2 1024)``, ``c2 = g_k / (A + EPS)`` per stack and
+        matrix k, in ``dt``: ``g_k dH_C/dW = c1 P_raw - c2 sign(W)``."""
+        coef = np.empty(sums.shape, dtype=dt)
+        for s in range(sums.shape[1]):
+            for k in range(sums.shape[2]):
+                coef[0, s, k] = g[k] / (sums[0, s, k] + 2 * _SCALE * _EPS2)
+                coef[1, s, k] = g[k] / (sums[1, s, k] + EPS)
+        return coef
+
+    @njit(parallel=True, cache=True)
+    def _sums_parallel(ws, runs):  # pragma: no cover - compiled
+        """``(S_raw, A)`` of every matrix of the stacks ``ws``, ``runs`` runs in parallel."""
+        pieces, start = _work_runs(ws, runs)
+        part = np.empty((pieces.shape[0], 2))
+        for t in prange(runs):
+            _run_sums(ws, pieces, start[t], start[t + 1], part)
+        return _totals(ws, pieces, part)
+
+    @njit(cache=True)
+    def _sums_serial(ws):  # pragma: no cover - compiled
+        """As :func:`_sums_parallel`, on the calling thread."""
+        pieces, _ = _work_runs(ws, 1)
+        part = np.empty((pieces.shape[0], 2))
+        _run_sums(ws, pieces, 0, pieces.shape[0], part)
+        return _totals(ws, pieces, part)
+
+    @njit(parallel=True, cache=True)
+    def _gradients_parallel(ws, outs, coef, runs):  # pragma: no cover - compiled
+        """``outs[s] += g dH_C/dW`` for every stack (``coef``: the gradient coefficients)."""
+        pieces, start = _work_runs(ws, runs)
+        for t in prange(runs):
+            _run_gradients(ws, outs, pieces, start[t], start[t + 1], coef)
+
+    @njit(cache=True)
+    def _gradients_serial(ws, outs, coef):  # pragma: no cover - compiled
+        """As :func:`_gradients_parallel`, on the calling thread."""
+        pieces, _ = _work_runs(ws, 1)
+        _run_gradients(ws, outs, pieces, 0, pieces.shape[0], coef)
+
+    @njit(cache=True)
+    def _step_parallel(ws, outs, scale, runs):  # pragma: no cover - compiled
+        """``outs[s] += scale dH_C/dW_s`` for every stack; returns ``scale sum_s H_C(W_s)``:
+        the training step's whole work in one call from Python."""
+        sums = _sums_parallel(ws, runs)
+        g = np.full(sums.shape[2], scale)
+        _gradients_parallel(ws, outs, _gradient_coefficients(sums, g, ws[0].dtype), runs)
+        return _entropy_total(sums, scale, ws[0].dtype)
+
+    @njit(cache=True)
+    def _step_serial(ws, outs, scale):  # pragma: no cover - compiled
+        """As :func:`_step_parallel`, on the calling thread."""
+        sums = _sums_serial(ws)
+        g = np.full(sums.shape[2], scale)
+        _gradients_serial(ws, outs, _gradient_coefficients(sums, g, ws[0].dtype))
+        return _entropy_total(sums, scale, ws[0].dtype)
 
 
 PARALLEL_MIN_NUMEL = int(os.environ.get("SPARSEBENCH_ENTROPY_PARALLEL_MIN", "50000"))
-"""Stacks with fewer elements (or a single thread) run the serial kernels."""
-
-
-def _rows_per_chunk(kk: int, n: int, threads: int) -> int:
-    # Enough work items to keep every thread busy.
-    per_matrix = max(1, -(-2 * threads // kk))
-    return max(8, -(-n // per_matrix))
+"""Stacks with fewer elements in all (or a single thread) run the serial kernels."""
 
 
 def _threads() -> int:
@@ -403,27 +456,28 @@ def _threads() -> int:
     return want
 
 
-def _numba_value(wn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(H, sums (S_raw, A) as a float64 (2, K) array) of a C-contiguous array."""
-    parallel, rows_per_chunk = _plan(wn)
-    h = np.empty(wn.shape[0], dtype=wn.dtype)
-    sums = np.empty((2, wn.shape[0]))
-    (_value_parallel if parallel else _value_serial)(wn, rows_per_chunk, h, sums)
-    return h, sums
+def _runs(arrays: tuple[np.ndarray, ...]) -> int:
+    """How many runs (threads) the kernels split these stacks into; 1: the serial kernels."""
+    if sum(a.size for a in arrays) < PARALLEL_MIN_NUMEL:
+        return 1
+    return _threads()
 
 
-def _add_gradient(wn: np.ndarray, g: np.ndarray, sums: np.ndarray, out: np.ndarray) -> None:
-    """``out[k] += g[k] * dH_C/dW[k]`` for the C-contiguous stack ``wn`` and its forward sums."""
-    parallel, rows_per_chunk = _plan(wn)
-    (_grad_parallel if parallel else _grad_serial)(wn, rows_per_chunk, g, sums, out)
+def _numba_sums(arrays: tuple[np.ndarray, ...]) -> np.ndarray:
+    """``(S_raw, A)`` per stack and matrix, ``(2, stacks, K)``, of C-contiguous stacks."""
+    runs = _runs(arrays)
+    return _sums_parallel(arrays, runs) if runs > 1 else _sums_serial(arrays)
 
 
-def _plan(wn: np.ndarray) -> tuple[bool, int]:
-    """(parallel?, rows per chunk) for the stack ``wn``."""
-    if wn.size < PARALLEL_MIN_NUMEL:
-        return False, wn.shape[1]
-    threads = _threads()
-    return threads > 1, _rows_per_chunk(wn.shape[0], wn.shape[1], threads)
+def _numba_gradients(
+    arrays: tuple[np.ndarray, ...], outs: tuple[np.ndarray, ...], coef: np.ndarray
+) -> None:
+    """``outs[s] += g dH_C/dW_s`` (``coef`` from :func:`_gradient_coefficients`)."""
+    runs = _runs(arrays)
+    if runs > 1:
+        _gradients_parallel(arrays, outs, coef, runs)
+    else:
+        _gradients_serial(arrays, outs, coef)
 
 
 def _as_array(w: Tensor) -> np.ndarray:
@@ -445,54 +499,51 @@ class _FusedEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *ws: Tensor) -> Tensor:
-        arrays = [_as_array(w) for w in ws]
-        total = None
-        sums = []
-        for wn in arrays:
-            h, s = _numba_value(wn)
-            total = h if total is None else total + h
-            sums.append(s)
+        arrays = tuple(_as_array(w) for w in ws)
+        sums = _numba_sums(arrays)
         ctx.save_for_backward(*ws)
         ctx.arrays = arrays, sums
-        return torch.from_numpy(total)
+        return torch.from_numpy(_entropy_total(sums, 1.0, arrays[0].dtype))
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, ...]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         ctx.saved_tensors  # noqa: B018 - raises if a weight was modified in place
         arrays, sums = ctx.arrays
-        g = _as_array(grad)
-        grads: list[Tensor | None] = []
-        for wn, s, needed in zip(arrays, sums, ctx.needs_input_grad):
-            if not needed:
-                grads.append(None)
-                continue
-            out = np.zeros_like(wn)
-            _add_gradient(wn, g, s, out)
-            grads.append(torch.from_numpy(out))
-        return tuple(grads)
+        outs = tuple(np.zeros_like(wn) for wn in arrays)
+        coef = _gradient_coefficients(sums, _as_array(grad), arrays[0].dtype)
+        _numba_gradients(arrays, outs, coef)
+        return tuple(
+            torch.from_numpy(out) if needed else None
+            for out, needed in zip(outs, ctx.needs_input_grad)
+        )
 
 
-_compiled: set[tuple[torch.dtype, bool]] = set()
+_compiled: set[tuple[torch.dtype, bool, int]] = set()
 
 
-def _warm_up(dtype: torch.dtype, parallel: bool) -> None:
-    """Compile (or load from numba's cache) the serial or parallel kernels for ``dtype``.
+def _warm_up(dtype: torch.dtype, parallel: bool, stacks: int) -> None:
+    """Compile (or load from numba's cache) the serial or parallel kernels for ``dtype``
+    and this many stacks (numba specialises on the tuple's length).
 
-    Done once per (dtype, kind), on a tiny matrix, inside the caller's try, so
-    that a JIT that cannot work here fails in the forward (and falls back)
-    rather than in a backward pass. The parallel kernels (the slower ones to
-    compile) only when torch runs more than one thread.
+    Done once per (dtype, kind, stacks), on tiny matrices, inside the caller's try, so
+    that a JIT that cannot work here fails in the forward (and falls back) rather than in
+    a backward pass. The parallel kernels only when torch runs more than one thread.
     """
-    w = torch.linspace(-1, 1, 12, dtype=dtype).view(1, 3, 4).numpy()
-    out, h, sums = np.zeros_like(w), np.empty(1, w.dtype), np.empty((2, 1))
-    value, grad = (_value_parallel, _grad_parallel) if parallel else (_value_serial, _grad_serial)
+    ws = tuple(torch.linspace(-1, 1, 12, dtype=dtype).view(1, 3, 4).numpy() for _ in range(stacks))
+    outs = tuple(np.zeros_like(w) for w in ws)
     with numba_threads_like_torch():  # whatever numba's launch does to OpenMP
-        value(w, 2, h, sums)
-        grad(w, 2, np.ones(1, w.dtype), sums, out)
-    if not (np.isfinite(h).all() and np.isfinite(out).all()):
+        if parallel:
+            sums = _sums_parallel(ws, 2)
+            _gradients_parallel(ws, outs, _gradient_coefficients(sums, np.ones(1), ws[0].dtype), 2)
+            h = _step_parallel(ws, outs, 1.0, 2)
+        else:
+            sums = _sums_serial(ws)
+            _gradients_serial(ws, outs, _gradient_coefficients(sums, np.ones(1), ws[0].dtype))
+            h = _step_serial(ws, outs, 1.0)
+    if not (np.isfinite(h).all() and all(np.isfinite(out).all() for out in outs)):
         raise RuntimeError("numba kernels gave non-finite values on a test matrix")
-    _compiled.add((dtype, parallel))
+    _compiled.add((dtype, parallel, stacks))
 
 
 def _numba_usable(w: Tensor) -> bool:
@@ -501,18 +552,19 @@ def _numba_usable(w: Tensor) -> bool:
     return w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64)
 
 
-def _ensure_compiled(dtype: torch.dtype) -> None:
-    if (dtype, False) not in _compiled:
-        _warm_up(dtype, parallel=False)
-    if torch.get_num_threads() > 1 and (dtype, True) not in _compiled:
-        _warm_up(dtype, parallel=True)
+def _ensure_compiled(dtype: torch.dtype, stacks: int) -> None:
+    if (dtype, False, stacks) not in _compiled:
+        _warm_up(dtype, False, stacks)
+    if torch.get_num_threads() > 1 and (dtype, True, stacks) not in _compiled:
+        _warm_up(dtype, True, stacks)
 
 
 def _fused(ws: list[Tensor]) -> Tensor:
-    _ensure_compiled(ws[0].dtype)
+    _ensure_compiled(ws[0].dtype, len(ws))
     if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
         return _FusedEntropy.apply(*ws)
-    return torch.from_numpy(sum(_numba_value(_as_array(w))[0] for w in ws))
+    arrays = tuple(_as_array(w) for w in ws)
+    return torch.from_numpy(_entropy_total(_numba_sums(arrays), 1.0, arrays[0].dtype))
 
 
 def _fused_usable(ws: Sequence[Tensor]) -> bool:
@@ -625,37 +677,41 @@ def in_place_gradient_available(weights: Sequence[Tensor]) -> bool:
     if not _fused_usable(ws):
         return _triton_usable(ws)
     try:
-        _ensure_compiled(ws[0].dtype)
+        _ensure_compiled(ws[0].dtype, len(ws))
     except Exception as err:
         _give_up_numba(err)
         return False
     return True
 
 
-@torch.no_grad()
 def add_entropy_gradient(weights: Sequence[Tensor], scale: float) -> Tensor:
-    """``sum_l H_C(W_l)``, shape ``(K,)``, and ``W_l.grad += scale * dH_C/dW_l`` in place.
+    """``W_l.grad += scale * dH_C/dW_l`` in place; returns the term whose gradient that is,
+    ``scale * sum_l H_C(W_l)``, shape ``(K,)``.
 
     The closed-form gradient without an autograd node (the training engine's path, after
     the backward pass of the rest of the loss): no gradient buffer is allocated and
     nothing is summed by autograd, which costs more than the kernels on small networks.
+    On the CPU it is one call into compiled code for all the layers: inside a training
+    step every Python-level operation costs several times what it does in a loop of its
+    own (the step's memory traffic evicts the interpreter's data from the caches).
     A missing ``.grad`` is created. Needs :func:`in_place_gradient_available`.
     """
+    grads = []
     for w in weights:
-        if w.grad is None:
-            w.grad = torch.zeros_like(w)
-        elif not w.grad.is_contiguous():
-            w.grad = w.grad.contiguous()
+        grad = w.grad
+        if grad is None:
+            grad = w.grad = torch.zeros_like(w)
+        elif not grad.is_contiguous():
+            grad = w.grad = grad.contiguous()
+        grads.append(grad)
     if weights[0].device.type == "cuda":
         return _add_entropy_gradient_triton(weights, scale)
-    arrays = [_as_array(w) for w in weights]
-    g = np.full(arrays[0].shape[0], scale, dtype=arrays[0].dtype)  # one K and dtype for all
-    total = None
-    for w, wn in zip(weights, arrays):
-        h, sums = _numba_value(wn)
-        _add_gradient(wn, g, sums, w.grad.numpy())
-        total = h if total is None else total + h
-    return torch.from_numpy(total)
+    arrays = tuple(_as_array(w) for w in weights)
+    outs = tuple(grad.numpy() for grad in grads)
+    runs = _runs(arrays)
+    if runs > 1:
+        return torch.from_numpy(_step_parallel(arrays, outs, scale, runs))
+    return torch.from_numpy(_step_serial(arrays, outs, scale))
 
 
 def _add_entropy_gradient_triton(weights: Sequence[Tensor], scale: float) -> Tensor:
@@ -667,7 +723,7 @@ def _add_entropy_gradient_triton(weights: Sequence[Tensor], scale: float) -> Ten
         c2 = (scale / (a + EPS)).to(w.dtype)
         _triton_kernels(w.dtype).add_gradient(w.detach().contiguous(), w.grad, c1, c2)
         total = h if total is None else total + h
-    return total
+    return scale * total
 
 
 def configuration_entropy(weight: Tensor) -> Tensor:
@@ -760,4 +816,4 @@ class ConfigurationEntropy(Regularizer):
 
     def add_loss_gradient(self, weights: Mapping[str, Tensor]) -> Tensor:
         scale = self.sign * self.coefficient
-        return scale * add_entropy_gradient(list(self.select(weights).values()), scale)
+        return add_entropy_gradient(list(self.select(weights).values()), scale)
