@@ -194,7 +194,7 @@ class _ShrinkAfterStep(regularizers.Regularizer):
 
 def test_an_update_after_each_step_runs_at_every_optimizer_step() -> None:
     shrink = _ShrinkAfterStep(0.5, layers=["fc3"])
-    model, logs = train_networks("lenet300", [3], [shrink], HPARAMS, TRAIN, TEST, DEVICE)
+    model, _ = train_networks("lenet300", [3], [shrink], HPARAMS, TRAIN, TEST, DEVICE)
     steps_per_epoch = math.ceil(len(TRAIN.labels) / HPARAMS.batch_size)
     assert shrink.calls == HPARAMS.epochs * steps_per_epoch
     plain, _ = train_networks("lenet300", [3], [], HPARAMS, TRAIN, TEST, DEVICE)
