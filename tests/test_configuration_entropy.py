@@ -172,6 +172,39 @@ def test_parallel_and_serial_paths_equal_reference(monkeypatch, min_numel):
     torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5 * g_ref.abs().max().item())
 
 
+# A few training steps with configuration entropy, in a process of its own; prints the
+# weights' digest.
+_TRAIN_AND_DIGEST = """
+import hashlib, torch
+from sparsebench import regularizers
+from sparsebench.config import TrainHparams
+from sparsebench.data import Split
+from sparsebench.train import train_networks
+g = torch.Generator().manual_seed(0)
+data = Split(torch.randn(512, 784, generator=g), torch.randint(0, 10, (512,), generator=g))
+entropy = regularizers.build({"name": "configuration_entropy", "coefficient": 1.0})
+hparams = TrainHparams(epochs=2, batch_size=64, eval_batch_size=512)
+model, _ = train_networks("lenet300", [4, 7], [entropy], hparams, data, data, "cpu")
+weights = b"".join(w.detach().numpy().tobytes() for w in model.weight_matrices().values())
+print(hashlib.sha256(weights).hexdigest())
+"""
+
+
+@pytest.mark.skipif(ce.numba is None, reason="numba not installed")
+def test_training_gives_the_same_bits_with_kernels_compiled_afresh_or_from_the_cache(tmp_path):
+    """The first process compiles the kernels into an empty numba cache, the second loads
+    them from it: the same numbers (a job that compiled and one that did not agree)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "SPARSEBENCH_ENTROPY_BACKEND": "numba"}
+    digests = [
+        subprocess.run(
+            [sys.executable, "-c", _TRAIN_AND_DIGEST], env=env, capture_output=True, text=True
+        )
+        for _ in range(2)
+    ]
+    assert [d.returncode for d in digests] == [0, 0], digests[0].stderr[-2000:]
+    assert digests[0].stdout == digests[1].stdout
+
+
 @pytest.mark.skipif(ce.numba is None, reason="numba not installed")
 @pytest.mark.parametrize("threads", [1, 2])
 def test_torch_thread_count_is_left_alone(monkeypatch, threads):

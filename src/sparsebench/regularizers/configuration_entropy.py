@@ -211,54 +211,72 @@ if numba is not None:
     #   V2 = Dv^T Dv, H1 = Dh^T Dh: [-1, 0, 2, 0, -1], centre 1 at a border
     #        (0 when the axis has length 1).
     # With the integer kernels (32 x normalised), this gives P_raw = 1024 P.
-    @njit(fastmath=True, cache=True)
+    @njit(cache=True)
+    def _in_lanes(values):  # pragma: no cover - compiled
+        """The float64 sum of ``values``: eight interleaved lanes, then the rest and the
+        lanes in order (an order fixed here that still pipelines)."""
+        lanes = np.zeros(8)
+        full = values.size - values.size % 8
+        for j0 in range(0, full, 8):
+            for lane in range(8):
+                lanes[lane] += values[j0 + lane]
+        total = 0.0
+        for j in range(full, values.size):
+            total += values[j]
+        for lane in range(8):
+            total += lanes[lane]
+        return total
+
+    # No fastmath in the kernels: with it, the compiler may reassociate sums and fuse
+    # multiply-adds differently when numba compiles a kernel afresh and when it loads it
+    # from its cache, and a run's numbers would depend on which happened (a job that
+    # compiled against one that did not). Sums run across columns instead, which
+    # vectorises without reassociating anything.
+    @njit(cache=True)
     def _sums_rows(w, k, r0, r1):  # pragma: no cover - compiled
         """(S_raw, A) over rows ``r0:r1`` of matrix ``k``: ``S_raw = |32 Cx W|^2 + |32 Cy W|^2``.
 
         Per row, a vertical pass over three rows of W (smoothing [3, 10, 3] and
         difference [1, 0, -1]) into zero-padded row buffers, then the horizontal
-        difference and smoothing, squared and summed.
+        difference and smoothing, squared. Each column adds its terms over the rows (in
+        the array's dtype); the columns' totals are added last (:func:`_in_lanes`).
         """
         n, m = w.shape[1], w.shape[2]
         dt = w.dtype
         sv = np.zeros(m + 2, dtype=dt)  # one zero column each side
         dv = np.zeros(m + 2, dtype=dt)
+        col_s = np.zeros(m, dtype=dt)
+        col_a = np.zeros(m, dtype=dt)
         zrow = np.zeros(m, dtype=dt)
         # Constants in the array's dtype: a bare 3 would promote float32 math to float64.
-        c = np.zeros(3, dtype=dt)
-        c[1], c[2] = 3, 10
-        zero, c3, c10 = c[0], c[1], c[2]
-        s_acc = 0.0
-        a_acc = 0.0
+        c = np.zeros(2, dtype=dt)
+        c[0], c[1] = 3, 10
+        c3, c10 = c[0], c[1]
         for i in range(r0, r1):
             wu = w[k, i - 1] if i >= 1 else zrow  # zero rows outside the matrix
             wc = w[k, i]
             wd = w[k, i + 1] if i <= n - 2 else zrow
-            acc = zero  # per-row sums in the array's dtype (vectorises), totals in float64
             for j in range(m):
                 u = wu[j]
                 d = wd[j]
-                x = wc[j]
-                sv[j + 1] = c3 * (u + d) + c10 * x
+                sv[j + 1] = c3 * (u + d) + c10 * wc[j]
                 dv[j + 1] = u - d
-                acc += abs(x)
-            a_acc += acc
-            acc = zero
+            for j in range(m):
+                col_a[j] += abs(wc[j])
             for j in range(m):
                 ex = sv[j] - sv[j + 2]
                 ey = c3 * (dv[j] + dv[j + 2]) + c10 * dv[j + 1]
-                acc += ex * ex + ey * ey
-            s_acc += acc
-        return s_acc, a_acc
+                col_s[j] += ex * ex + ey * ey
+        return _in_lanes(col_s), _in_lanes(col_a)
 
-    @njit(fastmath=True, cache=True)
+    @njit(cache=True)
     def _border_p(q2, t2, q0, j, m, t1j):  # pragma: no cover - compiled
         """P_raw at a border column ``j`` (0 or m-1): H1 centre 2 -> 1, H2 centre 118 -> 109."""
         pj = q2[j] + q2[j + 4] + 60 * (t2[j + 1] + t2[j + 3]) + q0[j + 2]
         borders = (1 if j == 0 else 0) + (1 if j == m - 1 else 0)
         return pj - borders * (t1j + 9 * t2[j + 2])
 
-    @njit(fastmath=True, cache=True)
+    @njit(cache=True)
     def _grad_rows(w, out, k, r0, r1, c1, c2):  # pragma: no cover - compiled
         """Rows ``r0:r1`` of matrix ``k``, from ``P_raw = 1024 (Cx^T Cx + Cy^T Cy) W``.
 
@@ -339,14 +357,14 @@ if numba is not None:
         start[runs] = q
         return pieces[:q], start
 
-    @njit(fastmath=True, cache=True)
+    @njit(cache=True)
     def _run_sums(ws, pieces, lo, hi, part):  # pragma: no cover - compiled
         """``part[q] = (S_raw, A)`` of each piece ``q`` in ``lo:hi``."""
         for q in range(lo, hi):
             s, k, r0, r1 = pieces[q, 0], pieces[q, 1], pieces[q, 2], pieces[q, 3]
             part[q, 0], part[q, 1] = _sums_rows(ws[s], k, r0, r1)
 
-    @njit(fastmath=True, cache=True)
+    @njit(cache=True)
     def _run_gradients(ws, outs, pieces, lo, hi, coef):  # pragma: no cover - compiled
         """``outs[s][k] += c1 P_raw - c2 sign(W)`` on the rows of each piece in ``lo:hi``."""
         for q in range(lo, hi):
@@ -363,7 +381,7 @@ if numba is not None:
             sums[1, pieces[q, 0], pieces[q, 1]] += part[q, 1]
         return sums
 
-    @njit(fastmath=True, cache=True)
+    @njit(cache=True)
     def _entropy_total(sums, scale, dt):  # pragma: no cover - compiled
         """``scale * sum_stacks H_C`` per matrix index, ``(K,)`` in ``dt``, from the sums."""
         h = np.empty(sums.shape[2], dtype=dt)
@@ -375,7 +393,7 @@ if numba is not None:
             h[k] = scale * total
         return h
 
-    @njit(fastmath=True, cache=True)
+    @njit(cache=True)
     def _gradient_coefficients(sums, g, dt):  # pragma: no cover - compiled
         """``c1 = g_k / (S_raw + 2 EPS^2 1024)``, ``c2 = g_k / (A + EPS)`` per stack and
         matrix k, in ``dt``: ``g_k dH_C/dW = c1 P_raw - c2 sign(W)``."""
