@@ -259,10 +259,10 @@ if numba is not None:
             for j in range(m):
                 u = wu[j]
                 d = wd[j]
-                sv[j + 1] = c3 * (u + d) + c10 * wc[j]
+                x = wc[j]
+                sv[j + 1] = c3 * (u + d) + c10 * x
                 dv[j + 1] = u - d
-            for j in range(m):
-                col_a[j] += abs(wc[j])
+                col_a[j] += abs(x)
             for j in range(m):
                 ex = sv[j] - sv[j + 2]
                 ey = c3 * (dv[j] + dv[j + 2]) + c10 * dv[j + 1]
@@ -476,7 +476,7 @@ def _threads() -> int:
 
 def _runs(arrays: tuple[np.ndarray, ...]) -> int:
     """How many runs (threads) the kernels split these stacks into; 1: the serial kernels."""
-    if sum(a.size for a in arrays) < PARALLEL_MIN_NUMEL:
+    if sum([a.size for a in arrays]) < PARALLEL_MIN_NUMEL:
         return 1
     return _threads()
 
@@ -722,10 +722,10 @@ def add_entropy_gradient(weights: Sequence[Tensor], scale: float) -> Tensor:
         elif not grad.is_contiguous():
             grad = w.grad = grad.contiguous()
         grads.append(grad)
-    if weights[0].device.type == "cuda":
+    if weights[0].is_cuda:
         return _add_entropy_gradient_triton(weights, scale)
-    arrays = tuple(_as_array(w) for w in weights)
-    outs = tuple(grad.numpy() for grad in grads)
+    arrays = tuple([_as_array(w) for w in weights])
+    outs = tuple([grad.numpy() for grad in grads])
     runs = _runs(arrays)
     if runs > 1:
         return torch.from_numpy(_step_parallel(arrays, outs, scale, runs))
