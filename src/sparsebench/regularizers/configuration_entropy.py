@@ -201,16 +201,11 @@ except ImportError:  # pragma: no cover - numba is a dependency; keep the fallba
 _numba_broken = False
 
 if numba is not None:
-    # The stencil. Cx = Sv (x) Dh (rows: smoothing [3, 10, 3]; columns: difference
-    # [1, 0, -1]), each 1-D factor a "same" operator with zero padding, so
-    # Cx^T Cx = (Sv^T Sv) (x) (Dh^T Dh) and Cy^T Cy = (Dv^T Dv) (x) (Sh^T Sh). The
-    # 1-D Gram matrices are 5-tap stencils that differ from the untruncated ones
-    # only in their first and last diagonal entry (the padding drops one term):
-    #   V1 = Sv^T Sv, H2 = Sh^T Sh: [9, 60, 118, 60, 9], centre 109 at a border
-    #        (100 when the axis has length 1);
-    #   V2 = Dv^T Dv, H1 = Dh^T Dh: [-1, 0, 2, 0, -1], centre 1 at a border
-    #        (0 when the axis has length 1).
-    # With the integer kernels (32 x normalised), this gives P_raw = 1024 P.
+    # No fastmath in the kernels: with it, the compiler may reassociate sums and fuse
+    # multiply-adds differently when numba compiles a kernel afresh and when it loads it
+    # from its cache, and a run's numbers would depend on which happened (a job that
+    # compiled against one that did not). Sums run across columns instead, which
+    # vectorises without reassociating anything.
     @njit(cache=True)
     def _in_lanes(values):  # pragma: no cover - compiled
         """The float64 sum of ``values``: eight interleaved lanes, then the rest and the
@@ -227,11 +222,16 @@ if numba is not None:
             total += lanes[lane]
         return total
 
-    # No fastmath in the kernels: with it, the compiler may reassociate sums and fuse
-    # multiply-adds differently when numba compiles a kernel afresh and when it loads it
-    # from its cache, and a run's numbers would depend on which happened (a job that
-    # compiled against one that did not). Sums run across columns instead, which
-    # vectorises without reassociating anything.
+    # The stencil. Cx = Sv (x) Dh (rows: smoothing [3, 10, 3]; columns: difference
+    # [1, 0, -1]), each 1-D factor a "same" operator with zero padding, so
+    # Cx^T Cx = (Sv^T Sv) (x) (Dh^T Dh) and Cy^T Cy = (Dv^T Dv) (x) (Sh^T Sh). The
+    # 1-D Gram matrices are 5-tap stencils that differ from the untruncated ones
+    # only in their first and last diagonal entry (the padding drops one term):
+    #   V1 = Sv^T Sv, H2 = Sh^T Sh: [9, 60, 118, 60, 9], centre 109 at a border
+    #        (100 when the axis has length 1);
+    #   V2 = Dv^T Dv, H1 = Dh^T Dh: [-1, 0, 2, 0, -1], centre 1 at a border
+    #        (0 when the axis has length 1).
+    # With the integer kernels (32 x normalised), this gives P_raw = 1024 P.
     @njit(cache=True)
     def _sums_rows(w, k, r0, r1):  # pragma: no cover - compiled
         """(S_raw, A) over rows ``r0:r1`` of matrix ``k``: ``S_raw = |32 Cx W|^2 + |32 Cy W|^2``.
