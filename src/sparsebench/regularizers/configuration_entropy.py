@@ -550,14 +550,15 @@ def _warm_up(dtype: torch.dtype, parallel: bool, stacks: int) -> None:
     """
     ws = tuple(torch.linspace(-1, 1, 12, dtype=dtype).view(1, 3, 4).numpy() for _ in range(stacks))
     outs = tuple(np.zeros_like(w) for w in ws)
+    g = np.ones(1, ws[0].dtype)  # as the backward's gradient comes: in the weights' dtype
     with numba_threads_like_torch():  # whatever numba's launch does to OpenMP
         if parallel:
             sums = _sums_parallel(ws, 2)
-            _gradients_parallel(ws, outs, _gradient_coefficients(sums, np.ones(1), ws[0].dtype), 2)
+            _gradients_parallel(ws, outs, _gradient_coefficients(sums, g, ws[0].dtype), 2)
             h = _step_parallel(ws, outs, 1.0, 2)
         else:
             sums = _sums_serial(ws)
-            _gradients_serial(ws, outs, _gradient_coefficients(sums, np.ones(1), ws[0].dtype))
+            _gradients_serial(ws, outs, _gradient_coefficients(sums, g, ws[0].dtype))
             h = _step_serial(ws, outs, 1.0)
     if not (np.isfinite(h).all() and all(np.isfinite(out).all() for out in outs)):
         raise RuntimeError("numba kernels gave non-finite values on a test matrix")
